@@ -1,0 +1,14 @@
+PYTHON ?= python
+
+.PHONY: install test lint
+
+install:
+	$(PYTHON) -m pip install -e '.[dev]'
+
+## Install the package with its test tools, then lint and run the whole suite.
+test: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m pytest
+
+lint:
+	$(PYTHON) -m ruff check .

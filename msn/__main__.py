@@ -1,0 +1,3 @@
+from msn.cli import main
+
+raise SystemExit(main())
