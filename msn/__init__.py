@@ -1,3 +1,7 @@
 """MSN: Make Some Noise fine-tuning and lossless TR-Jacobi decoding for Llama-family models."""
 
+from msn.checkpoint import load_model, load_tokenizer
+from msn.config import ModelConfig
+
 __version__ = "0.1.0"
+__all__ = ["ModelConfig", "load_model", "load_tokenizer"]

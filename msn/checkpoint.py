@@ -1,0 +1,256 @@
+"""Load Hugging Face safetensors checkpoints into the slim model, and their tokenizers.
+
+Only safetensors are read (pickle files can run code) and no remote code is trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from msn.config import ModelConfig
+from msn.model import Transformer
+
+HUB_FILE_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+]
+DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "double": torch.float64,
+}
+
+# Hugging Face tensor name -> msn parameter name. Per-layer entries use {i}.
+_LAYER_TENSORS = [
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "self_attn.q_proj.bias",
+    "self_attn.k_proj.bias",
+    "self_attn.v_proj.bias",
+    "self_attn.o_proj.bias",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+    "mlp.gate_proj.bias",
+    "mlp.up_proj.bias",
+    "mlp.down_proj.bias",
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+]
+WEIGHT_MAP = {
+    "model.embed_tokens.weight": "embed_tokens.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "lm_head.weight",
+    **{f"model.layers.{{i}}.{name}": f"layers.{{i}}.{name}" for name in _LAYER_TENSORS},
+}
+# Buffers some exporters include; they are recomputed, never loaded.
+IGNORED_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def hf_to_msn_name(hf_name: str) -> str | None:
+    """The msn parameter name for a Hugging Face tensor name, or None if it has none."""
+    match = _LAYER_NAME.match(hf_name)
+    if match:
+        index, rest = match.groups()
+        target = WEIGHT_MAP.get(f"model.layers.{{i}}.{rest}")
+        return None if target is None else target.replace("{i}", index)
+    return WEIGHT_MAP.get(hf_name)
+
+
+def msn_to_hf_name(msn_name: str) -> str:
+    return msn_name if msn_name == "lm_head.weight" else f"model.{msn_name}"
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A local checkpoint directory; a hub id is downloaded (config, tokenizer, safetensors)."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists():
+        raise ValueError(f"{local} is a file; pass the checkpoint directory that contains it.")
+    name = str(path)
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        raise FileNotFoundError(
+            f"no checkpoint directory at {local}; pass a local Hugging Face checkpoint directory "
+            "(config.json plus model*.safetensors) or a hub id such as "
+            "'DecoderImmortal/Llama3-8B-MSN'."
+        )
+    return _download_from_hub(name)
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    how_to = (
+        f"download it where the hub is reachable, for example\n"
+        f"  huggingface-cli download {repo_id} --local-dir ./{repo_id.split('/')[-1]} "
+        f"--include {' '.join(repr(p) for p in HUB_FILE_PATTERNS)}\n"
+        f"then pass that directory (config.json, model*.safetensors, tokenizer files) instead "
+        f"of the hub id."
+    )
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as error:
+        raise FileNotFoundError(
+            f"{repo_id!r} is not a local directory and huggingface_hub is not installed; {how_to}"
+        ) from error
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILE_PATTERNS))
+    except Exception as error:  # offline, unknown repo, gated access: all end the same way
+        raise FileNotFoundError(
+            f"could not fetch {repo_id!r} from the Hugging Face hub ({type(error).__name__}: "
+            f"{error}); {how_to}"
+        ) from error
+
+
+def load_config(checkpoint: Path) -> ModelConfig:
+    """The model configuration, with EOS ids merged from generation_config.json."""
+    config_path = checkpoint / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"{checkpoint} has no config.json; a Hugging Face checkpoint directory holds "
+            "config.json next to model.safetensors (or model-*.safetensors shards)."
+        )
+    config = ModelConfig.from_json(config_path)
+    generation_path = checkpoint / "generation_config.json"
+    if generation_path.is_file():
+        generation = json.loads(generation_path.read_text(encoding="utf-8"))
+        extra = generation.get("eos_token_id")
+        extra = [extra] if isinstance(extra, int) else list(extra or [])
+        merged = tuple(dict.fromkeys([*config.eos_token_ids, *extra]))
+        config = replace(config, eos_token_ids=merged)
+    return config
+
+
+def safetensors_files(checkpoint: Path) -> dict[str, Path]:
+    """Map each tensor name to the safetensors file holding it."""
+    index_path = checkpoint / "model.safetensors.index.json"
+    single = checkpoint / "model.safetensors"
+    if index_path.is_file():
+        weight_map = json.loads(index_path.read_text(encoding="utf-8")).get("weight_map", {})
+        files = {name: checkpoint / shard for name, shard in weight_map.items()}
+        missing = sorted({str(f.name) for f in files.values() if not f.is_file()})
+        if missing:
+            raise FileNotFoundError(
+                f"{checkpoint}: shard(s) listed in model.safetensors.index.json are missing: "
+                f"{', '.join(missing)}; download them into {checkpoint}."
+            )
+        return files
+    if single.is_file():
+        with safe_open(single, framework="pt") as handle:
+            return {name: single for name in handle.keys()}  # noqa: SIM118
+    if list(checkpoint.glob("pytorch_model*.bin")) or (checkpoint / "model.pt").exists():
+        raise ValueError(
+            f"{checkpoint} holds only PyTorch pickle weights (pytorch_model*.bin); msn reads "
+            "safetensors only, since pickle files can run code. Convert once where you trust "
+            "the file: LlamaForCausalLM.from_pretrained(dir).save_pretrained(dir, "
+            "safe_serialization=True)."
+        )
+    raise FileNotFoundError(
+        f"{checkpoint} has no model.safetensors nor model.safetensors.index.json with its "
+        "model-*.safetensors shards."
+    )
+
+
+def load_model(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+    max_seq_len: int | None = None,
+) -> Transformer:
+    """Build the slim model for a checkpoint directory (or hub id) and load its weights.
+
+    The model is built on the meta device and the loaded tensors are assigned to it, so the
+    weights exist once in memory. `dtype` follows the checkpoint when None. `max_seq_len`
+    sizes the KV cache (default: the model's context), which is set up for one row.
+    """
+    checkpoint = resolve_checkpoint(path)
+    config = load_config(checkpoint)
+    dtype = resolve_dtype(dtype, config)
+    device = torch.device(device)
+    files = safetensors_files(checkpoint)
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = {name: param.shape for name, param in model.named_parameters()}
+    state, problems, seen = {}, [], set()
+    handles = {}
+    try:
+        for hf_name, file in files.items():
+            target = hf_to_msn_name(hf_name)
+            if target is None:
+                if not IGNORED_TENSORS.fullmatch(hf_name):
+                    problems.append(f"unexpected tensor {hf_name}")
+                continue
+            if target not in expected:
+                problems.append(f"unexpected tensor {hf_name} (the config does not use it)")
+                continue
+            seen.add(target)
+            if file not in handles:
+                handles[file] = safe_open(file, framework="pt", device=str(device))
+            tensor = handles[file].get_tensor(hf_name)
+            if tuple(tensor.shape) != tuple(expected[target]):
+                problems.append(
+                    f"tensor {hf_name} has shape {tuple(tensor.shape)}, "
+                    f"expected {tuple(expected[target])}"
+                )
+                continue
+            state[target] = tensor.to(dtype)
+    finally:
+        handles.clear()
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+        expected.pop("lm_head.weight", None)
+    problems += [f"missing tensor {msn_to_hf_name(name)}" for name in expected if name not in seen]
+    if problems:
+        raise ValueError(
+            f"{checkpoint} does not match its config.json ({len(problems)} problem(s)):\n  "
+            + "\n  ".join(problems)
+        )
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.eval().requires_grad_(False)
+    model.setup_cache(batch_size=1, max_seq_len=max_seq_len or config.max_position_embeddings)
+    return model
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, config: ModelConfig) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = dtype if dtype is not None else (config.torch_dtype or "float32")
+    name = str(name).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}; use one of {sorted(set(DTYPES))}.")
+    return DTYPES[name]
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The checkpoint's `transformers` tokenizer (never with remote code)."""
+    from transformers import AutoTokenizer
+
+    checkpoint = resolve_checkpoint(path)
+    try:
+        return AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=False)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"{checkpoint}: no usable tokenizer ({error}); the directory needs the tokenizer "
+            "files saved by tokenizer.save_pretrained (tokenizer.json, tokenizer_config.json)."
+        ) from error
