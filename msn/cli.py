@@ -19,23 +19,29 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_command_arguments: str | None = None) -> argparse.ArgumentParser:
+    """The parser; the named command's module adds its own arguments (imported on demand)."""
     parser = argparse.ArgumentParser(prog="msn", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
-        sub.set_defaults(module_name=module_name)
+        if name == with_command_arguments:
+            importlib.import_module(module_name).add_arguments(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
-    # Parse the command name first, then let its module add its own arguments.
-    known, _ = parser.parse_known_args(argv[:1])
-    module = importlib.import_module(known.module_name)
-    sub = build_parser()
-    command_parser = sub._subparsers._group_actions[0].choices[known.command]
-    module.add_arguments(command_parser)
-    args = sub.parse_args(argv)
-    return int(module.main(args) or 0)
+    command = next((arg for arg in argv if arg in COMMANDS), None)
+    args = build_parser(command).parse_args(argv)
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return int(module.main(args) or 0)
+    except (FileNotFoundError, ValueError) as error:
+        # User errors (a bad path, an unsupported checkpoint, a prompt too long) end with
+        # their message, not a traceback.
+        print(f"msn {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"msn {args.command}: interrupted", file=sys.stderr)
+        return 130
