@@ -1,0 +1,353 @@
+"""Tree-masked attention of T draft nodes over a KV cache, for one decoding step.
+
+Layout (see DESIGN.md): for row b the prefix sits at cache positions [0, cache_lens[b]) and the
+tree's own keys/values at [cache_lens[b], cache_lens[b] + T). Every node sees the whole prefix;
+inside the tree, node i sees node j when tree_mask[i, j].
+
+The Triton kernel is built for the memory-bound decode regime (flash-decoding):
+- one program owns one KV head of one row, and packs the T nodes of all GROUP = Hq / Hkv query
+  heads of that KV head into the rows of its query tile, so each K/V tile is read once per KV head
+  (row r of the tile is query head r // T, node r % T);
+- the prefix is split into NUM_SPLITS chunks handled by different programs; each writes a partial
+  output and its log-sum-exp, and a second small kernel merges them;
+- the tree mask is only applied on the tree x tree block, which the last split handles after its
+  share of the prefix; the prefix loop carries no mask beyond the sequence bound.
+
+Triton covers head dims 16, 32, 64 and 128 in fp16, bf16 and fp32 (fp32 accumulation, bf16 is
+widened to fp32 under the interpreter, which cannot do bf16 arithmetic). float64 and other head
+dims use the PyTorch reference.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from msn_kernels.dispatch import use_triton
+
+_LOG2E = 1.4426950408889634
+TRITON_HEAD_DIMS = (16, 32, 64, 128)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_FLOAT_DTYPES = (*_TRITON_DTYPES, torch.float64)
+_BLOCK_N = 64
+_MIN_KEYS_PER_SPLIT = 256
+
+
+@triton.jit
+def _online_softmax_step(acc, m_i, l_i, q, k, v, visible, qk_scale, FP32_DOT: tl.constexpr):
+    """Fold one K/V tile into the running (acc, max, sum) of base-2 online softmax.
+
+    "ieee" only matters for fp32 operands (no TF32 rounding); fp16/bf16 dots ignore it.
+    """
+    if FP32_DOT:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    s = tl.where(visible, s * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _tree_attention_kernel(
+    Q, K, V, CacheLens, Mask, Out, PartO, PartLse,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_mb, stride_mt,
+    stride_ob, stride_oh, stride_ot,
+    qk_scale, T, Hkv,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, FP32_DOT: tl.constexpr,
+):  # fmt: skip
+    pid_bh = tl.program_id(0)
+    m_tile = tl.program_id(1)
+    split = tl.program_id(2)
+    b = (pid_bh // Hkv).to(tl.int64)
+    kvh = pid_bh % Hkv
+
+    rows = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < GROUP * T
+    head = kvh * GROUP + rows // T
+    node = rows % T
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+
+    q_ptrs = Q + b * stride_qb + head[:, None] * stride_qh + node[:, None] * stride_qt
+    q = tl.load(q_ptrs + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+    if FP32_DOT:
+        q = q.to(tl.float32)
+    k_base = K + b * stride_kb + kvh.to(tl.int64) * stride_kh + offs_d[None, :]
+    v_base = V + b * stride_vb + kvh.to(tl.int64) * stride_vh + offs_d[None, :]
+    cache_len = tl.load(CacheLens + b).to(tl.int32)
+
+    # A finite start keeps exp2(m_old - m_new) at 1, not NaN, on tiles a row cannot see at all.
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    # This program's share of the prefix: whole BLOCK_N tiles, the last split takes the rest.
+    chunk = tl.cdiv(tl.cdiv(cache_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, cache_len)
+    for n0 in range(start, end, BLOCK_N):
+        cols = n0 + offs_n
+        col_valid = cols < end
+        k = tl.load(k_base + cols[:, None] * stride_ks, mask=col_valid[:, None], other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vs, mask=col_valid[:, None], other=0.0)
+        acc, m_i, l_i = _online_softmax_step(
+            acc, m_i, l_i, q, k, v, col_valid[None, :], qk_scale, FP32_DOT
+        )
+
+    if split == NUM_SPLITS - 1:
+        mask_base = Mask + b * stride_mb + node[:, None] * stride_mt
+        for j0 in range(0, T, BLOCK_N):
+            j = j0 + offs_n
+            j_valid = j < T
+            cols = cache_len + j
+            k = tl.load(k_base + cols[:, None] * stride_ks, mask=j_valid[:, None], other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vs, mask=j_valid[:, None], other=0.0)
+            allowed = tl.load(
+                mask_base + j[None, :], mask=row_valid[:, None] & j_valid[None, :], other=0
+            )
+            acc, m_i, l_i = _online_softmax_step(
+                acc, m_i, l_i, q, k, v, allowed != 0, qk_scale, FP32_DOT
+            )
+
+    has_keys = l_i > 0.0
+    o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    if NUM_SPLITS == 1:
+        out_ptrs = Out + b * stride_ob + head[:, None] * stride_oh + node[:, None] * stride_ot
+        tl.store(out_ptrs + offs_d[None, :], o.to(Out.dtype.element_ty), mask=row_valid[:, None])
+    else:
+        # Partials are contiguous (B, Hq, T, NUM_SPLITS[, D]).
+        part_row = ((b * Hkv * GROUP + head) * T + node) * NUM_SPLITS + split
+        lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+        tl.store(PartLse + part_row, lse, mask=row_valid)
+        tl.store(PartO + part_row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=row_valid[:, None])
+
+
+@triton.jit
+def _merge_splits_kernel(
+    PartO, PartLse, Out, n_rows,
+    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """Combine per-split outputs by their base-2 log-sum-exp; Out is contiguous (B*Hq*T, D)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_valid = rows < n_rows
+    offs_d = tl.arange(0, HEAD_DIM)
+    m = tl.full([BLOCK_R], -1.0e30, dtype=tl.float32)
+    w_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, HEAD_DIM], dtype=tl.float32)
+    for s in range(NUM_SPLITS):
+        part_row = rows.to(tl.int64) * NUM_SPLITS + s
+        lse = tl.load(PartLse + part_row, mask=row_valid, other=float("-inf"))
+        o = tl.load(PartO + part_row[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=row_valid[:, None], other=0.0)  # fmt: skip
+        m_new = tl.maximum(m, lse)
+        alpha = tl.exp2(m - m_new)
+        w = tl.exp2(lse - m_new)
+        acc = acc * alpha[:, None] + w[:, None] * o
+        w_sum = w_sum * alpha + w
+        m = m_new
+    out = acc / tl.where(w_sum > 0.0, w_sum, 1.0)[:, None]
+    out_ptrs = Out + rows.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=row_valid[:, None])
+
+
+def tree_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_lens: torch.Tensor,
+    tree_mask: torch.Tensor,
+    sm_scale: float | None = None,
+) -> torch.Tensor:
+    """PyTorch reference: dense masked softmax over the whole cache, in fp32 (fp64 for fp64)."""
+    B, Hq, T, D = q.shape
+    _, Hkv, S, _ = k_cache.shape
+    group = Hq // Hkv
+    scale = D**-0.5 if sm_scale is None else sm_scale
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    visible = _visible_keys(cache_lens, tree_mask, T, S)  # (B, T, S)
+    qf = q.to(compute).reshape(B, Hkv, group * T, D)  # (B, Hkv, G*T, D)
+    scores = qf @ k_cache.to(compute).transpose(-1, -2) * scale  # (B, Hkv, G*T, S)
+    scores = scores.view(B, Hkv, group, T, S)  # (B, Hkv, G, T, S)
+    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ v_cache.to(compute)[:, :, None]  # (B, Hkv, G, T, D)
+    return out.reshape(B, Hq, T, D).to(q.dtype)
+
+
+def _visible_keys(
+    cache_lens: torch.Tensor, tree_mask: torch.Tensor, T: int, S: int
+) -> torch.Tensor:
+    """Boolean (B, T, S): which cache positions each node attends to."""
+    B = cache_lens.shape[0]
+    pos = torch.arange(S, device=cache_lens.device)
+    rel = pos[None, :] - cache_lens.to(torch.long)[:, None]  # (B, S), position inside the tree
+    in_tree = (rel >= 0) & (rel < T)
+    mask = tree_mask.expand(B, T, T) if tree_mask.dim() == 2 else tree_mask  # (B, T, T)
+    index = rel.clamp(0, T - 1)[:, None, :].expand(B, T, S)  # (B, T, S)
+    tree_part = torch.gather(mask.to(cache_lens.device), 2, index) & in_tree[:, None, :]
+    return (rel < 0)[:, None, :] | tree_part
+
+
+def _validate(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_lens: torch.Tensor,
+    tree_mask: torch.Tensor,
+    check_lens: bool,
+) -> None:
+    tensors = {"q": q, "k_cache": k_cache, "v_cache": v_cache}
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-d tensor, got shape {getattr(t, 'shape', t)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name} must be fp16, bf16, fp32 or fp64, got {t.dtype}")
+    if not (q.dtype == k_cache.dtype == v_cache.dtype):
+        raise ValueError(
+            f"q, k_cache and v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, "
+            f"{v_cache.dtype}"
+        )
+    B, Hq, T, D = q.shape
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"k_cache and v_cache shapes differ: {tuple(k_cache.shape)} vs {tuple(v_cache.shape)}"
+        )
+    Bk, Hkv, S, Dk = k_cache.shape
+    if Bk != B or Dk != D:
+        raise ValueError(
+            f"k_cache shape {tuple(k_cache.shape)} does not match q shape {tuple(q.shape)}: "
+            "expected [B, Hkv, S, D] with q's B and D"
+        )
+    if T < 1:
+        raise ValueError("q must hold at least one tree node (T >= 1)")
+    if Hkv < 1 or Hq % Hkv != 0:
+        raise ValueError(
+            f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv}) for GQA"
+        )
+    if not isinstance(cache_lens, torch.Tensor) or cache_lens.shape != (B,):
+        raise ValueError(f"cache_lens must be a tensor of shape [{B}], got {cache_lens!r}")
+    if cache_lens.dtype.is_floating_point or cache_lens.dtype == torch.bool:
+        raise ValueError(f"cache_lens must be an integer tensor, got {cache_lens.dtype}")
+    if not isinstance(tree_mask, torch.Tensor) or tree_mask.dtype != torch.bool:
+        got = getattr(tree_mask, "dtype", type(tree_mask).__name__)
+        raise ValueError(f"tree_mask must be a bool tensor, got {got}")
+    if tree_mask.shape not in ((T, T), (B, T, T)):
+        raise ValueError(
+            f"tree_mask must have shape [{T}, {T}] or [{B}, {T}, {T}], got {tuple(tree_mask.shape)}"
+        )
+    devices = {t.device for t in (q, k_cache, v_cache, cache_lens, tree_mask)}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    if check_lens and B > 0:
+        lo, hi = int(cache_lens.min()), int(cache_lens.max())
+        if lo < 0:
+            raise ValueError(f"cache_lens must be non-negative, got min {lo}")
+        if hi + T > S:
+            raise ValueError(
+                f"cache too short: cache_lens.max() + T = {hi} + {T} = {hi + T} > cache length {S}"
+            )
+
+
+def _pick_num_splits(programs: int, S: int, rows_per_kv_head: int, device: torch.device) -> int:
+    """Enough splits to fill the GPU, but keep >= 256 keys per split and small partial traffic."""
+    if device.type != "cuda":
+        return max(1, min(4, S // (4 * _MIN_KEYS_PER_SPLIT)))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    wanted = triton.cdiv(2 * sms, programs)
+    by_length = max(1, S // _MIN_KEYS_PER_SPLIT)
+    # Partials cost 8 bytes per (row, split, dim) in and out; keep them well under the K/V bytes.
+    by_traffic = max(1, S // (8 * rows_per_kv_head))
+    return max(1, min(wanted, by_length, by_traffic, 64))
+
+
+def tree_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_lens: torch.Tensor,
+    tree_mask: torch.Tensor,
+    sm_scale: float | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Launch the Triton kernels; inputs must already be validated."""
+    B, Hq, T, D = q.shape
+    _, Hkv, S, _ = k_cache.shape
+    group = Hq // Hkv
+    scale = D**-0.5 if sm_scale is None else sm_scale
+    q, k_cache, v_cache = (
+        t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache)
+    )
+    mask = tree_mask.view(torch.uint8)  # bool -> bytes, no copy
+    stride_mb = mask.stride(0) if mask.dim() == 3 else 0
+    out = torch.empty(B, Hq, T, D, dtype=q.dtype, device=q.device)
+    if B == 0:
+        return out
+
+    rows = group * T
+    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    m_tiles = triton.cdiv(rows, block_m)
+    if num_splits is None:
+        num_splits = _pick_num_splits(B * Hkv * m_tiles, S, rows, q.device)
+    if num_splits > 1:
+        part_o = torch.empty(B, Hq, T, num_splits, D, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(B, Hq, T, num_splits, dtype=torch.float32, device=q.device)
+    else:
+        part_o = part_lse = out  # unused by the kernel when NUM_SPLITS == 1
+    fp32_dot = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and not q.is_cuda)
+
+    _tree_attention_kernel[(B * Hkv, m_tiles, num_splits)](
+        q, k_cache, v_cache, cache_lens, mask, out, part_o, part_lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        stride_mb, mask.stride(-2),
+        out.stride(0), out.stride(1), out.stride(2),
+        scale * _LOG2E, T, Hkv,
+        GROUP=group, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=_BLOCK_N,
+        NUM_SPLITS=num_splits, FP32_DOT=fp32_dot,
+        num_warps=4,
+    )  # fmt: skip
+    if num_splits > 1:
+        n_rows = B * Hq * T
+        block_r = 32
+        _merge_splits_kernel[(triton.cdiv(n_rows, block_r),)](
+            part_o, part_lse, out, n_rows,
+            NUM_SPLITS=num_splits, HEAD_DIM=D, BLOCK_R=block_r, num_warps=4,
+        )  # fmt: skip
+    return out
+
+
+def tree_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_lens: torch.Tensor,
+    tree_mask: torch.Tensor,
+    sm_scale: float | None = None,
+    *,
+    check_lens: bool = True,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Attention of T tree nodes over each row's prefix plus their visible tree nodes.
+
+    q [B, Hq, T, D]; k_cache, v_cache [B, Hkv, S, D]; cache_lens [B]; tree_mask bool [T, T] or
+    [B, T, T]. Returns [B, Hq, T, D] in q's dtype. `check_lens=False` skips the bounds check of
+    cache_lens, which reads the lengths back to the host (a GPU synchronisation). `num_splits`
+    overrides how many programs share each row's prefix.
+    """
+    _validate(q, k_cache, v_cache, cache_lens, tree_mask, check_lens)
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    triton_ok = q.dtype in _TRITON_DTYPES and q.shape[-1] in TRITON_HEAD_DIMS
+    if triton_ok and use_triton(_tree_attention_kernel, q.device):
+        return tree_attention_triton(
+            q, k_cache, v_cache, cache_lens, tree_mask, sm_scale, num_splits
+        )
+    return tree_attention_reference(q, k_cache, v_cache, cache_lens, tree_mask, sm_scale)
