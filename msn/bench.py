@@ -1,0 +1,480 @@
+"""`msn bench`: run decoders over a Spec-Bench style prompt set and report their speed.
+
+Questions come in Spec-Bench's ``question.jsonl`` format (``question_id``, ``category``,
+``turns``); multi-turn questions feed each method's own earlier answers back, as Spec-Bench
+does (all methods are lossless, so the prompts agree across methods). For each method the
+output directory gets ``answers-<method>.jsonl`` in Spec-Bench's answer layout (per turn: text,
+new tokens, decoding steps, accept lengths, wall time), and for the run ``report.md`` (per
+category tokens per step, tokens/s and speed-up over greedy), ``report.png`` and
+``summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any, Protocol
+
+# Bench method name -> keyword arguments of msn.generate.
+METHODS: dict[str, dict[str, Any]] = {
+    "greedy": {"method": "greedy"},
+    "jacobi": {"method": "jacobi"},
+    "tr-jacobi": {"method": "tr-jacobi"},
+    "tr-jacobi-noretrieval": {"method": "tr-jacobi", "retrieval": False},
+}
+DEFAULT_METHODS = ("greedy", "jacobi", "tr-jacobi")
+BASELINE = "greedy"
+OVERALL = "overall"
+WARMUP_TOKENS = 8
+
+
+class GenerationResult(Protocol):
+    """The part of ``msn.generate``'s result the benchmark reads."""
+
+    output_ids: Any  # [1, L + new] tensor or nested list
+    new_tokens: int
+    steps: int
+    accept_lengths: Sequence[int]
+
+
+# (prompt token ids, bench method name, max new tokens) -> result
+GenerateFn = Callable[[list[int], str, int], GenerationResult]
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    question_id: int | str
+    category: str
+    turns: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class TurnRecord:
+    """One method's answer to one turn of one question."""
+
+    method: str
+    question_id: int | str
+    category: str
+    turn: int
+    prompt_tokens: int
+    new_tokens: int
+    steps: int
+    accept_lengths: tuple[int, ...]
+    wall_seconds: float
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportRow:
+    """Totals of one method over one category (or ``OVERALL``)."""
+
+    category: str
+    method: str
+    turns: int
+    new_tokens: int
+    steps: int
+    seconds: float
+    speedup: float | None  # tokens/s over the baseline's on the same category
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.new_tokens / self.steps if self.steps else math.nan
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else math.nan
+
+
+# -- questions --------------------------------------------------------------------------------
+
+
+def default_questions_path() -> Path:
+    """The small prompt set shipped with the package (a few per Spec-Bench category)."""
+    return Path(str(resources.files("msn") / "data" / "bench_questions.jsonl"))
+
+
+def parse_questions(lines: Iterable[str], source: str = "<questions>") -> list[Question]:
+    """Parse and validate ``question.jsonl`` lines; errors name ``source:line``."""
+    questions: list[Question] = []
+    seen: dict[int | str, int] = {}
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{source}:{lineno}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: not valid JSON ({err.msg})") from err
+        if not isinstance(item, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(item).__name__}")
+        missing = [key for key in ("question_id", "category", "turns") if key not in item]
+        if missing:
+            raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
+        qid, category, turns = item["question_id"], item["category"], item["turns"]
+        if isinstance(qid, bool) or not isinstance(qid, int | str):
+            raise ValueError(f"{where}: question_id must be an int or a string, got {qid!r}")
+        if not isinstance(category, str) or not category:
+            raise ValueError(f"{where}: category must be a non-empty string, got {category!r}")
+        if (
+            not isinstance(turns, list)
+            or not turns
+            or not all(isinstance(t, str) and t.strip() for t in turns)
+        ):
+            raise ValueError(f"{where}: turns must be a non-empty list of non-empty strings")
+        if qid in seen:
+            raise ValueError(f"{where}: duplicate question_id {qid!r} (first on line {seen[qid]})")
+        seen[qid] = lineno
+        questions.append(Question(qid, category, tuple(turns)))
+    if not questions:
+        raise ValueError(f"{source}: no questions")
+    return questions
+
+
+def load_questions(path: str | Path) -> list[Question]:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"questions file {path} does not exist")
+    with path.open(encoding="utf-8") as f:
+        return parse_questions(f, source=str(path))
+
+
+# -- running ----------------------------------------------------------------------------------
+
+
+def encode_prompt(tokenizer: Any, messages: list[dict[str, str]], chat: bool) -> list[int]:
+    """Token ids of a conversation so far, ready for the assistant's next answer."""
+    if chat:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    text = "\n\n".join(m["content"] for m in messages) + "\n\n"
+    return list(tokenizer(text)["input_ids"])
+
+
+def run_questions(
+    questions: Sequence[Question],
+    methods: Sequence[str],
+    generate_fn: GenerateFn,
+    tokenizer: Any,
+    max_new_tokens: int,
+    chat: bool = False,
+    warmup: bool = True,
+    progress: bool = True,
+) -> list[TurnRecord]:
+    """Answer every turn of every question with every method; time each generate call.
+
+    Methods run interleaved per question, so that load drifts on a shared machine hit all of
+    them alike. ``warmup`` first runs each method once, untimed, on a short generation.
+    """
+    from tqdm.auto import tqdm
+
+    if warmup:
+        first = [{"role": "user", "content": questions[0].turns[0]}]
+        prompt = encode_prompt(tokenizer, first, chat)
+        for method in methods:
+            generate_fn(prompt, method, min(WARMUP_TOKENS, max_new_tokens))
+    records: list[TurnRecord] = []
+    total = len(methods) * sum(len(q.turns) for q in questions)
+    with tqdm(total=total, desc="msn bench", unit="turn", disable=not progress) as bar:
+        for question in questions:
+            for method in methods:
+                records += _answer(question, method, generate_fn, tokenizer, max_new_tokens, chat)
+                bar.update(len(question.turns))
+    return records
+
+
+def _answer(
+    question: Question,
+    method: str,
+    generate_fn: GenerateFn,
+    tokenizer: Any,
+    max_new_tokens: int,
+    chat: bool,
+) -> list[TurnRecord]:
+    messages: list[dict[str, str]] = []
+    records = []
+    for turn, content in enumerate(question.turns):
+        messages.append({"role": "user", "content": content})
+        prompt = encode_prompt(tokenizer, messages, chat)
+        start = time.perf_counter()
+        try:
+            result = generate_fn(prompt, method, max_new_tokens)
+        except ValueError as err:
+            raise ValueError(
+                f"question {question.question_id!r} turn {turn + 1}, method {method}: {err}"
+            ) from err
+        seconds = time.perf_counter() - start
+        output = _as_list(result.output_ids)
+        text = tokenizer.decode(output[len(prompt) :], skip_special_tokens=True).strip()
+        messages.append({"role": "assistant", "content": text})
+        records.append(
+            TurnRecord(
+                method=method,
+                question_id=question.question_id,
+                category=question.category,
+                turn=turn,
+                prompt_tokens=len(prompt),
+                new_tokens=int(result.new_tokens),
+                steps=int(result.steps),
+                accept_lengths=tuple(int(n) for n in result.accept_lengths),
+                wall_seconds=seconds,
+                text=text,
+            )
+        )
+    return records
+
+
+def _as_list(output_ids: Any) -> list[int]:
+    """The single row of ``output_ids`` ([1, L] tensor or nested list) as a list of ints."""
+    rows = output_ids.tolist() if hasattr(output_ids, "tolist") else list(output_ids)
+    return [int(t) for t in rows[0]]
+
+
+# -- reporting --------------------------------------------------------------------------------
+
+
+def aggregate(records: Sequence[TurnRecord], baseline: str = BASELINE) -> list[ReportRow]:
+    """Per category (first-seen order, then ``OVERALL``) and method, totals and speed-up."""
+    methods = list(dict.fromkeys(r.method for r in records))
+    categories = list(dict.fromkeys(r.category for r in records))
+    rows = []
+    for category in [*categories, OVERALL]:
+        group = [r for r in records if category in (OVERALL, r.category)]
+        totals = {m: _totals(category, m, [r for r in group if r.method == m]) for m in methods}
+        base = totals.get(baseline)
+        for method in methods:
+            row = totals[method]
+            speedup = None
+            if base is not None and base.tokens_per_second > 0:
+                speedup = row.tokens_per_second / base.tokens_per_second
+            rows.append(dataclasses.replace(row, speedup=speedup))
+    return rows
+
+
+def _totals(category: str, method: str, records: list[TurnRecord]) -> ReportRow:
+    return ReportRow(
+        category=category,
+        method=method,
+        turns=len(records),
+        new_tokens=sum(r.new_tokens for r in records),
+        steps=sum(r.steps for r in records),
+        seconds=sum(r.wall_seconds for r in records),
+        speedup=None,
+    )
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def markdown_table(rows: Sequence[ReportRow]) -> str:
+    lines = [
+        "| category | method | turns | new tokens | steps | tokens/step | extra tokens/step "
+        "| tokens/s | speed-up |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        mta = row.tokens_per_step
+        speedup = "n/a" if row.speedup is None else f"{row.speedup:.2f}x"
+        lines.append(
+            f"| {row.category} | {row.method} | {row.turns} | {row.new_tokens} | {row.steps} "
+            f"| {_fmt(mta)} | {_fmt(mta - 1)} | {_fmt(row.tokens_per_second, 1)} | {speedup} |"
+        )
+    return "\n".join(lines)
+
+
+def write_report(
+    output_dir: Path, records: Sequence[TurnRecord], settings: dict[str, Any]
+) -> list[ReportRow]:
+    """Write the answers, ``report.md``, ``report.png`` and ``summary.json``; return the rows."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for method in dict.fromkeys(r.method for r in records):
+        with (output_dir / f"answers-{method}.jsonl").open("w", encoding="utf-8") as f:
+            for answer in answers_for(records, method):
+                f.write(json.dumps(answer, ensure_ascii=False) + "\n")
+    rows = aggregate(records)
+    header = "\n".join(f"- {key}: {value}" for key, value in settings.items())
+    (output_dir / "report.md").write_text(
+        f"# msn bench\n\n{header}\n\n{markdown_table(rows)}\n", encoding="utf-8"
+    )
+    summary = {
+        "settings": settings,
+        "rows": [
+            {
+                **dataclasses.asdict(row),
+                "tokens_per_step": row.tokens_per_step,
+                "tokens_per_second": row.tokens_per_second,
+            }
+            for row in rows
+        ],
+    }
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    plot_report(rows, output_dir / "report.png")
+    return rows
+
+
+def answers_for(records: Sequence[TurnRecord], method: str) -> list[dict[str, Any]]:
+    """One Spec-Bench style answer per question: per-turn lists under ``choices[0]``."""
+    by_question: dict[int | str, list[TurnRecord]] = {}
+    for record in records:
+        if record.method == method:
+            by_question.setdefault(record.question_id, []).append(record)
+    answers = []
+    for qid, turns in by_question.items():
+        turns = sorted(turns, key=lambda r: r.turn)
+        answers.append(
+            {
+                "question_id": qid,
+                "category": turns[0].category,
+                "method": method,
+                "choices": [
+                    {
+                        "index": 0,
+                        "turns": [r.text for r in turns],
+                        "prompt_tokens": [r.prompt_tokens for r in turns],
+                        "new_tokens": [r.new_tokens for r in turns],
+                        "decoding_steps": [r.steps for r in turns],
+                        "accept_lengths": [list(r.accept_lengths) for r in turns],
+                        "wall_time": [r.wall_seconds for r in turns],
+                    }
+                ],
+            }
+        )
+    return answers
+
+
+def plot_report(rows: Sequence[ReportRow], path: Path) -> None:
+    """Grouped bars per category: tokens per step, and speed-up (or tokens/s) per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    categories = list(dict.fromkeys(r.category for r in rows))
+    methods = list(dict.fromkeys(r.method for r in rows))
+    has_speedup = any(r.speedup is not None for r in rows)
+    panels: list[tuple[str, Callable[[ReportRow], float]]] = [
+        ("tokens per step", lambda r: r.tokens_per_step),
+        (
+            ("speed-up over greedy", lambda r: r.speedup if r.speedup is not None else math.nan)
+            if has_speedup
+            else ("tokens/s", lambda r: r.tokens_per_second)
+        ),
+    ]
+    lookup = {(r.category, r.method): r for r in rows}
+    width = 0.8 / len(methods)
+    fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 1.2 * len(categories)), 7.0))
+    for ax, (title, value) in zip(axes, panels, strict=True):
+        for i, method in enumerate(methods):
+            xs = [c + (i - (len(methods) - 1) / 2) * width for c in range(len(categories))]
+            ax.bar(xs, [value(lookup[c, method]) for c in categories], width, label=method)
+        ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right")
+        ax.set_title(title)
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+    axes[0].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# -- command line -----------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", help="checkpoint directory or hub id (default: the package's embedded model)"
+    )
+    parser.add_argument(
+        "--questions",
+        type=Path,
+        help="Spec-Bench question.jsonl (default: the small set shipped with msn)",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
+        default=list(DEFAULT_METHODS),
+        help="decoders to compare (default: %(default)s)",
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="per turn (default 128)")
+    parser.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=Path("msn-bench"),
+        help="output directory (default: %(default)s)",
+    )
+    parser.add_argument("--limit", type=int, help="only the first N questions")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16", "float64"],
+        help="model dtype (default: the checkpoint's)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except ValueError as err:
+        print(f"msn bench: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    questions = load_questions(args.questions or default_questions_path())[: args.limit]
+    methods = list(dict.fromkeys(args.methods))
+
+    import torch
+
+    import msn
+
+    model_path = args.model or _default_model_path(msn)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = msn.load_model(model_path, device=device, dtype=args.dtype)
+    tokenizer = msn.load_tokenizer(model_path)
+    if args.chat and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"--chat: the tokenizer of {model_path} has no chat template")
+
+    def generate_fn(prompt: list[int], method: str, max_new_tokens: int) -> GenerationResult:
+        return msn.generate(model, prompt, max_new_tokens=max_new_tokens, **METHODS[method])
+
+    records = run_questions(
+        questions,
+        methods,
+        generate_fn,
+        tokenizer,
+        args.max_new_tokens,
+        chat=args.chat,
+        progress=not args.no_progress,
+    )
+    settings = {
+        "model": str(model_path),
+        "device": device,
+        "dtype": str(getattr(model, "dtype", args.dtype)).removeprefix("torch."),
+        "questions": f"{args.questions or 'built-in set'} ({len(questions)} questions)",
+        "max new tokens": args.max_new_tokens,
+        "chat template": "yes" if args.chat else "no",
+    }
+    rows = write_report(args.output, records, settings)
+    print(markdown_table([r for r in rows if r.category == OVERALL]))
+    print(f"report: {args.output / 'report.md'}")
+    return 0
+
+
+def _default_model_path(msn_module: Any) -> str:
+    default = getattr(msn_module, "default_model_path", None)
+    if default is None:
+        raise ValueError("no --model given and this msn build has no default model; pass --model")
+    return str(default())
