@@ -1,0 +1,129 @@
+"""`msn train` end to end on a tiny random Llama: loss goes down, checkpoints load, resume works."""
+
+import argparse
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+from msn.train import add_arguments, main, train
+
+RECORDS = [
+    {"prompt": "def add(a, b):\n", "response": "    return a + b\n"},
+    {
+        "prompt": "import os\n",
+        "response": "import sys\n\nfor line in sys.stdin:\n    print(line)\n",
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "The quick brown fox"},
+            {"role": "assistant", "content": "jumps over the lazy dog."},
+        ]
+    },
+    {"prompt": "Noise makes", "response": " the model robust to wrong context tokens."},
+]
+
+
+@pytest.fixture
+def data(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    return path
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args([str(a) for a in argv])
+
+
+def tiny_args(model, data, output, *extra):
+    return parse(
+        "--model", model, "--data", data, "--output", output, "--batch-size", "4",
+        "--lr", "3e-3", "--lr-scheduler", "constant", "--logging-steps", "1", *extra,
+    )  # fmt: skip
+
+
+def test_loss_decreases_and_the_checkpoint_loads(tiny_checkpoint, data, tmp_path):
+    output = tmp_path / "run"
+    args = tiny_args(tiny_checkpoint, data, output, "--max-steps", "30", "--eval-data", data)
+    assert main(args) == 0
+    summary = json.loads((output / "msn_train.json").read_text())
+    losses = [log["loss"] for log in summary["loss_history"]]
+    assert summary["global_step"] == 30 and len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    assert summary["eval_loss"] < losses[0]
+
+    assert (output / "model.safetensors").is_file()
+    model = AutoModelForCausalLM.from_pretrained(output)
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    assert tokenizer.chat_template and len(tokenizer) == model.config.vocab_size
+    ids = torch.tensor([tokenizer("def add(a, b):\n")["input_ids"]])
+    with torch.no_grad():
+        reference = model(ids).logits.float()
+
+    import msn
+
+    if not hasattr(msn, "load_model"):
+        pytest.skip("msn.load_model does not exist yet; transformers loading was checked")
+    ours = msn.load_model(output, dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).float(), reference, atol=1e-4, rtol=1e-4)
+
+
+class Interrupted(Exception):
+    pass
+
+
+class InterruptAfterSave(TrainerCallback):
+    """Stand-in for a killed job: raise once checkpoint `step` is on disk."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise Interrupted
+
+
+def test_resume_continues_from_the_last_checkpoint(tiny_checkpoint, data, tmp_path):
+    output = tmp_path / "run"
+    args = tiny_args(tiny_checkpoint, data, output, "--max-steps", "6", "--save-steps", "1")
+    with pytest.raises(Interrupted):
+        train(args, callbacks=[InterruptAfterSave(3)])
+    assert (output / "checkpoints" / "checkpoint-3").is_dir()
+    assert not (output / "model.safetensors").exists()
+
+    summary = train(
+        tiny_args(
+            tiny_checkpoint, data, output, "--max-steps", "6", "--save-steps", "1", "--resume"
+        )
+    )
+    assert summary["global_step"] == 6
+    assert [log["step"] for log in summary["loss_history"]] == [1, 2, 3, 4, 5, 6]
+
+    # The interrupted-and-resumed run equals one that ran straight through.
+    straight = tmp_path / "straight"
+    train(tiny_args(tiny_checkpoint, data, straight, "--max-steps", "6", "--save-steps", "100"))
+    resumed = AutoModelForCausalLM.from_pretrained(output).state_dict()
+    for name, value in AutoModelForCausalLM.from_pretrained(straight).state_dict().items():
+        torch.testing.assert_close(resumed[name], value, msg=name)
+
+
+def test_resume_without_a_checkpoint_starts_fresh(tiny_checkpoint, data, tmp_path):
+    args = tiny_args(
+        tiny_checkpoint, data, tmp_path / "run", "--max-steps", "2", "--resume", "--no-noise"
+    )
+    summary = train(args)
+    assert summary["global_step"] == 2 and summary["noise"]["noise_len"] == 0
+
+
+def test_non_llama_models_are_rejected(data, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(
+        tmp_path / "gpt2"
+    )
+    with pytest.raises(ValueError, match="'gpt2' model.*Llama"):
+        train(tiny_args(tmp_path / "gpt2", data, tmp_path / "run", "--max-steps", "1"))
