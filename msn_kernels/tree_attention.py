@@ -166,33 +166,30 @@ def tree_attention_reference(
     tree_mask: torch.Tensor,
     sm_scale: float | None = None,
 ) -> torch.Tensor:
-    """PyTorch reference: dense masked softmax over the whole cache, in fp32 (fp64 for fp64)."""
+    """PyTorch reference in fp32 (fp64 for fp64), one row at a time.
+
+    Only positions [0, cache_lens[b] + T) are read, so stale or uninitialised cache slots past the
+    tree cannot leak in (not even as 0 * NaN).
+    """
     B, Hq, T, D = q.shape
-    _, Hkv, S, _ = k_cache.shape
+    Hkv = k_cache.shape[1]
     group = Hq // Hkv
     scale = D**-0.5 if sm_scale is None else sm_scale
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    visible = _visible_keys(cache_lens, tree_mask, T, S)  # (B, T, S)
-    qf = q.to(compute).reshape(B, Hkv, group * T, D)  # (B, Hkv, G*T, D)
-    scores = qf @ k_cache.to(compute).transpose(-1, -2) * scale  # (B, Hkv, G*T, S)
-    scores = scores.view(B, Hkv, group, T, S)  # (B, Hkv, G, T, S)
-    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
-    out = torch.softmax(scores, dim=-1) @ v_cache.to(compute)[:, :, None]  # (B, Hkv, G, T, D)
-    return out.reshape(B, Hq, T, D).to(q.dtype)
-
-
-def _visible_keys(
-    cache_lens: torch.Tensor, tree_mask: torch.Tensor, T: int, S: int
-) -> torch.Tensor:
-    """Boolean (B, T, S): which cache positions each node attends to."""
-    B = cache_lens.shape[0]
-    pos = torch.arange(S, device=cache_lens.device)
-    rel = pos[None, :] - cache_lens.to(torch.long)[:, None]  # (B, S), position inside the tree
-    in_tree = (rel >= 0) & (rel < T)
-    mask = tree_mask.expand(B, T, T) if tree_mask.dim() == 2 else tree_mask  # (B, T, T)
-    index = rel.clamp(0, T - 1)[:, None, :].expand(B, T, S)  # (B, T, S)
-    tree_part = torch.gather(mask.to(cache_lens.device), 2, index) & in_tree[:, None, :]
-    return (rel < 0)[:, None, :] | tree_part
+    masks = tree_mask.expand(B, T, T)  # (B, T, T)
+    rows = []
+    for b, cache_len in enumerate(cache_lens.tolist()):
+        n = cache_len + T
+        keys = k_cache[b, :, :n].to(compute)  # (Hkv, n, D)
+        values = v_cache[b, :, :n].to(compute)  # (Hkv, n, D)
+        queries = q[b].to(compute).reshape(Hkv, group * T, D)  # (Hkv, G*T, D)
+        scores = (queries @ keys.transpose(-1, -2) * scale).view(Hkv, group, T, n)
+        prefix = torch.ones(T, cache_len, dtype=torch.bool, device=q.device)
+        visible = torch.cat([prefix, masks[b].to(q.device)], dim=1)  # (T, n)
+        scores = scores.masked_fill(~visible, float("-inf"))
+        out = torch.softmax(scores, dim=-1) @ values[:, None]  # (Hkv, G, T, D)
+        rows.append(out.reshape(Hq, T, D))
+    return torch.stack(rows).to(q.dtype) if rows else q.new_empty(q.shape)
 
 
 def _validate(

@@ -1,0 +1,205 @@
+"""tree_attention against a float64 oracle: each node attends to the prefix plus its root path.
+
+Kernels run through the Triton interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1), so
+sizes stay small: short prefixes, one or two KV heads.
+"""
+
+import importlib
+import random
+
+import pytest
+import torch
+
+from msn_kernels import tree_attention, tree_attention_reference
+
+# The package re-exports the function under the module's name, so fetch the module itself.
+ta = importlib.import_module("msn_kernels.tree_attention")
+
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float64: 1e-12}
+
+
+@pytest.fixture
+def poison_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make torch.empty return NaN-filled tensors, so unwritten outputs and partials show up."""
+    real_empty = torch.empty
+
+    def poisoned(*size: int, **kwargs: object) -> torch.Tensor:
+        t = real_empty(*size, **kwargs)
+        return t.fill_(float("nan") if t.is_floating_point() else -7777)
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+def random_parents(T: int, rng: random.Random) -> list[int]:
+    return [-1] + [rng.randrange(i) for i in range(1, T)]
+
+
+def ancestor_mask(parents: list[int]) -> torch.Tensor:
+    """mask[i, j]: node j is on the root-to-i path (i included)."""
+    T = len(parents)
+    mask = torch.eye(T, dtype=torch.bool)
+    for i in range(1, T):
+        mask[i] |= mask[parents[i]]
+    return mask
+
+
+def root_path(parents: list[int], i: int) -> list[int]:
+    path = []
+    while i >= 0:
+        path.append(i)
+        i = parents[i]
+    return path[::-1]
+
+
+def oracle(q, k, v, cache_lens, trees, scale) -> torch.Tensor:
+    """Causal attention of each node over the prefix plus its root-to-node chain, in float64."""
+    B, Hq, T, D = q.shape
+    group = Hq // k.shape[1]
+    out = torch.empty(B, Hq, T, D, dtype=torch.float64)
+    for b in range(B):
+        c = int(cache_lens[b])
+        for i in range(T):
+            positions = list(range(c)) + [c + j for j in root_path(trees[b], i)]
+            for h in range(Hq):
+                keys = k[b, h // group, positions].double()  # (n, D)
+                values = v[b, h // group, positions].double()  # (n, D)
+                weights = torch.softmax(keys @ q[b, h, i].double() * scale, dim=0)
+                out[b, h, i] = weights @ values
+    return out
+
+
+def make_case(B, Hkv, group, T, D, dtype, prefix_max, shared_tree, seed):
+    """Random inputs; cache slots past each row's tree are NaN so reading them would show."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    cache_lens = torch.tensor([rng.randint(0, prefix_max) for _ in range(B)])
+    S = int(cache_lens.max()) + T + rng.randint(0, 3)
+    q = torch.randn(B, Hkv * group, T, D, generator=gen).to(dtype)
+    k = torch.randn(B, Hkv, S, D, generator=gen).to(dtype)
+    v = torch.randn(B, Hkv, S, D, generator=gen).to(dtype)
+    for b, c in enumerate(cache_lens.tolist()):
+        k[b, :, c + T :] = float("nan")
+        v[b, :, c + T :] = float("nan")
+    first = random_parents(T, rng)
+    trees = [first if shared_tree else random_parents(T, rng) for _ in range(B)]
+    mask = ancestor_mask(first) if shared_tree else torch.stack([ancestor_mask(p) for p in trees])
+    return q, k, v, cache_lens, mask, trees
+
+
+CASES = [
+    # (group, D, T, dtype, num_splits, shared_tree)
+    (1, 64, 1, torch.float32, None, True),
+    (4, 64, 5, torch.float32, 3, False),
+    (8, 128, 5, torch.float16, None, True),
+    (1, 128, 21, torch.float16, 2, False),
+    (4, 128, 21, torch.float32, None, True),
+    (8, 64, 21, torch.float16, None, False),
+    (1, 64, 69, torch.float16, None, True),
+    (4, 64, 69, torch.float32, 2, False),
+    (8, 128, 1, torch.float16, 4, True),
+    (4, 32, 5, torch.bfloat16, 2, False),
+    (1, 16, 21, torch.float32, None, True),
+]
+
+
+@pytest.mark.parametrize(("group", "D", "T", "dtype", "num_splits", "shared_tree"), CASES)
+def test_matches_oracle(group, D, T, dtype, num_splits, shared_tree, poison_empty) -> None:
+    seed = 1000 * group + 10 * D + T
+    q, k, v, cache_lens, mask, trees = make_case(
+        B=2, Hkv=1 if group == 8 else 2, group=group, T=T, D=D, dtype=dtype,
+        prefix_max=80, shared_tree=shared_tree, seed=seed,
+    )  # fmt: skip
+    out = tree_attention(q, k, v, cache_lens, mask, num_splits=num_splits)
+    assert out.dtype == dtype and out.shape == q.shape
+    expected = oracle(q, k, v, cache_lens, trees, D**-0.5)
+    torch.testing.assert_close(out.double(), expected, atol=TOLERANCE[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_reference_matches_oracle(dtype: torch.dtype) -> None:
+    q, k, v, cache_lens, mask, trees = make_case(
+        B=3, Hkv=2, group=4, T=21, D=48, dtype=dtype, prefix_max=30, shared_tree=False, seed=7
+    )
+    out = tree_attention_reference(q, k, v, cache_lens, mask, sm_scale=0.3)
+    torch.testing.assert_close(out.double(), oracle(q, k, v, cache_lens, trees, 0.3),
+                               atol=TOLERANCE[dtype], rtol=0)  # fmt: skip
+
+
+def test_float64_and_odd_head_dim_use_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the Triton path must not run")
+
+    monkeypatch.setattr(ta, "tree_attention_triton", fail)
+    for dtype, D in ((torch.float64, 64), (torch.float32, 48)):
+        q, k, v, cache_lens, mask, trees = make_case(
+            B=2, Hkv=1, group=2, T=5, D=D, dtype=dtype, prefix_max=9, shared_tree=True, seed=3
+        )
+        out = tree_attention(q, k, v, cache_lens, mask)
+        expected = oracle(q, k, v, cache_lens, trees, D**-0.5)
+        torch.testing.assert_close(out.double(), expected, atol=TOLERANCE[dtype], rtol=0)
+
+
+def test_msn_kernels_torch_forces_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.setattr(ta, "tree_attention_triton", lambda *a, **kw: calls.append(a))
+    q, k, v, cache_lens, mask, _ = make_case(
+        B=1, Hkv=1, group=1, T=3, D=16, dtype=torch.float32, prefix_max=4, shared_tree=True, seed=1
+    )
+    monkeypatch.setenv("MSN_KERNELS", "torch")
+    out = tree_attention(q, k, v, cache_lens, mask)
+    assert not calls
+    torch.testing.assert_close(out, tree_attention_reference(q, k, v, cache_lens, mask))
+    monkeypatch.delenv("MSN_KERNELS")
+    tree_attention(q, k, v, cache_lens, mask)
+    assert len(calls) == 1
+
+
+def test_custom_scale_strided_inputs_and_empty_prefix(poison_empty) -> None:
+    q, k, v, cache_lens, mask, trees = make_case(
+        B=2, Hkv=2, group=2, T=5, D=32, dtype=torch.float32, prefix_max=0, shared_tree=True, seed=5
+    )
+    q_strided = q.transpose(1, 2).contiguous().transpose(1, 2)  # (B, Hq, T, D) with T-major strides
+    out = tree_attention(q_strided, k, v, cache_lens, mask, sm_scale=0.7)
+    torch.testing.assert_close(out.double(), oracle(q, k, v, cache_lens, trees, 0.7),
+                               atol=2e-5, rtol=0)  # fmt: skip
+
+
+def _valid_inputs() -> dict[str, torch.Tensor]:
+    q = torch.randn(2, 4, 3, 16)
+    k = torch.randn(2, 2, 10, 16)
+    return {
+        "q": q,
+        "k_cache": k,
+        "v_cache": k.clone(),
+        "cache_lens": torch.tensor([2, 7]),
+        "tree_mask": torch.ones(3, 3, dtype=torch.bool).tril(),
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"q": torch.randn(2, 3, 3, 16)}, "multiple of key/value heads"),
+        ({"cache_lens": torch.tensor([2, 8])}, "cache too short"),
+        ({"cache_lens": torch.tensor([-1, 0])}, "non-negative"),
+        ({"cache_lens": torch.tensor([2])}, "cache_lens must be a tensor of shape"),
+        ({"cache_lens": torch.tensor([2.0, 3.0])}, "integer tensor"),
+        ({"tree_mask": torch.ones(3, 3)}, "bool tensor"),
+        ({"tree_mask": torch.ones(4, 4, dtype=torch.bool)}, "tree_mask must have shape"),
+        ({"tree_mask": torch.ones(3, 3, 3, dtype=torch.bool)}, "tree_mask must have shape"),
+        ({"q": torch.randn(2, 4, 3, 8)}, "does not match q shape"),
+        ({"v_cache": torch.randn(2, 2, 11, 16)}, "shapes differ"),
+        ({"q": torch.randn(2, 4, 3, 16).half()}, "share a dtype"),
+        ({"q": torch.randn(2, 4, 16)}, "4-d tensor"),
+        ({"q": torch.ones(2, 4, 3, 16, dtype=torch.int32)}, "fp16, bf16, fp32 or fp64"),
+    ],
+)
+def test_validation_errors(change: dict[str, torch.Tensor], message: str) -> None:
+    inputs = {**_valid_inputs(), **change}
+    with pytest.raises(ValueError, match=message):
+        tree_attention(**inputs)
+
+
+def test_num_splits_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="num_splits must be >= 1"):
+        tree_attention(**_valid_inputs(), num_splits=0)
