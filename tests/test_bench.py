@@ -301,9 +301,11 @@ def test_cli_chat_without_template(stub_msn, monkeypatch, tmp_path, capsys):
 
 
 @pytest.mark.skipif(not hasattr(msn, "generate"), reason="msn.generate is not available yet")
-def test_cli_end_to_end(tiny_checkpoint, tmp_path, capsys):
+def test_cli_end_to_end(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    # The kernels have their own tests; interpreting them here would only cost time.
+    monkeypatch.setenv("MSN_KERNELS", "torch")
     out = tmp_path / "bench"
-    argv = ["bench", "--model", str(tiny_checkpoint), "--limit", "3", "--max-new-tokens", "6"]
+    argv = ["bench", "--model", str(tiny_checkpoint), "--limit", "2", "--max-new-tokens", "6"]
     argv += ["--chat", "--dtype", "float64", "--device", "cpu", "--output", str(out)]
     assert cli_main([*argv, "--no-progress"]) == 0
     assert "| overall | tr-jacobi |" in capsys.readouterr().out
