@@ -2,6 +2,7 @@
 
 from msn.checkpoint import load_model, load_tokenizer
 from msn.config import ModelConfig
+from msn.decoding import GenerationResult, generate
 
 __version__ = "0.1.0"
-__all__ = ["ModelConfig", "load_model", "load_tokenizer"]
+__all__ = ["GenerationResult", "ModelConfig", "generate", "load_model", "load_tokenizer"]

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from msn.config import ModelConfig, RopeConfig
-from msn_kernels import tree_attention
+from msn_kernels import compact_kv, tree_attention
 
 
 class RMSNorm(nn.Module):
@@ -243,6 +243,14 @@ class Transformer(nn.Module):
             k = torch.zeros(shape, device=self.device, dtype=self.dtype)
             self.cache = KVCache(k=k, v=torch.zeros_like(k))
         return self.cache
+
+    def compact_cache(self, cache_lens: Tensor, accepted_nodes: Tensor) -> None:
+        """Move the accepted tree nodes' keys/values to the slots right after each prefix.
+
+        `accepted_nodes` [B, M]: node indices relative to `cache_lens[b]`, root first, -1
+        padded (as `greedy_verify` returns them). All layers move in one call.
+        """
+        compact_kv(self.cache.k, self.cache.v, cache_lens, accepted_nodes)
 
     def rotary(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """cos, sin [B, T, D] in fp32 for integer positions [B, T]."""

@@ -1,0 +1,393 @@
+"""Greedy, Jacobi and TR-Jacobi decoding, all with exactly greedy decoding's output.
+
+One TR-Jacobi step (`TreeDecoder.step`):
+1. tree tokens: the pending token at the root; a Jacobi node of depth d and rank r takes
+   candidate r of depth d; retrieval nodes take the n-gram draft; empty slots take random
+   context tokens (the "noise" MSN training makes the model robust to);
+2. one forward pass over the tree, at positions prefix + depth, with the ancestor mask;
+3. `greedy_verify` finds the deepest node whose path matches the model's own argmax, and its
+   keys/values are compacted after the prefix (`compact_kv`);
+4. Jacobi update: the model's top-k at the nodes past the accepted ones on the chosen path
+   become next step's candidates (their context held a wrong guess; MSN trains for that).
+
+Output is lossless by construction: a token is only ever emitted when it is the argmax of
+the model given the accepted context.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from msn.retrieval import NgramIndex
+from msn.tree import JACOBI, RETRIEVAL, TreeSpec, chain_tree, paper_tree
+from msn_kernels import greedy_verify
+
+METHODS = ("greedy", "jacobi", "tr-jacobi")
+JACOBI_DEPTH = 5
+RETRIEVAL_NGRAM = 3
+
+
+@dataclass
+class GenerationResult:
+    output_ids: Tensor  # (1, L + new_tokens)
+    new_tokens: int
+    steps: int  # forward passes after prefill
+    accept_lengths: list[int]  # tokens emitted per step
+    prefill_seconds: float
+    decode_seconds: float
+    stop_reason: str  # "eos", "max_new_tokens" or "context"
+    method: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def total_seconds(self) -> float:
+        return self.prefill_seconds + self.decode_seconds
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Mean accepted tokens per step (MTA): new tokens / decoding steps."""
+        return self.new_tokens / max(self.steps, 1)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.total_seconds if self.total_seconds > 0 else 0.0
+
+
+class _Stopper:
+    """Cuts emitted chunks at EOS and at max_new_tokens; tracks why decoding ended."""
+
+    def __init__(self, eos_ids: Sequence[int], max_new_tokens: int):
+        self.eos_ids = frozenset(eos_ids)
+        self.budget = max_new_tokens
+        self.reason: str | None = None
+
+    def cut(self, chunk: list[int]) -> list[int]:
+        if self.eos_ids:
+            for i, token in enumerate(chunk):
+                if token in self.eos_ids:
+                    chunk, self.reason = chunk[: i + 1], "eos"
+                    break
+        if len(chunk) >= self.budget:
+            chunk = chunk[: self.budget]
+            self.reason = self.reason or "max_new_tokens"
+        self.budget -= len(chunk)
+        return chunk
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def generate(
+    model,
+    input_ids: Tensor | Sequence[int],
+    max_new_tokens: int = 256,
+    method: str = "tr-jacobi",
+    eos_token_id: int | Sequence[int] | None = None,
+    streamer=None,
+    tree: TreeSpec | str | None = None,
+    retrieval: bool = True,
+    seed: int = 0,
+) -> GenerationResult:
+    """Decode up to `max_new_tokens` new tokens after `input_ids` ([1, L] or a list of ints).
+
+    `method`: "greedy" (plain autoregressive), "jacobi" (one chain of guesses, no retrieval)
+    or "tr-jacobi" (a token tree; `tree` picks it, paper mode by default; `retrieval=False`
+    drops its n-gram retrieval chain). `eos_token_id`: an int, a list, or None for the
+    checkpoint's own; an empty list decodes exactly `max_new_tokens`. `streamer` follows the
+    transformers protocol (`put` the prompt, then each accepted chunk; `end`). `seed` fixes
+    the random context tokens that fill empty tree slots (the output never depends on it).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    prompt = _prompt_tensor(input_ids)
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
+    limit = model.max_seq_len
+    if prompt.shape[1] > limit:
+        raise ValueError(
+            f"the prompt has {prompt.shape[1]} tokens, more than the model's context of {limit}; "
+            "shorten the prompt (or load the model with a larger max_seq_len if its RoPE "
+            "scaling allows)."
+        )
+    eos_ids = _eos_ids(model, eos_token_id)
+    decoder_tree = _tree_for(method, tree, retrieval)
+    if streamer is not None:
+        streamer.put(prompt.cpu())
+
+    device = model.device
+    start = time.perf_counter()
+    model.setup_cache(batch_size=1, max_seq_len=limit)
+    logits = model(prompt.to(device), last_only=True)
+    first = int(logits[0, -1].argmax())
+    _sync(device)
+    prefill_seconds = time.perf_counter() - start
+
+    stopper = _Stopper(eos_ids, max_new_tokens)
+    output = prompt[0].tolist()
+    accept_lengths: list[int] = []
+    start = time.perf_counter()
+    if max_new_tokens > 0:
+        _emit(stopper.cut([first]), output, streamer)
+        if decoder_tree is None:
+            _greedy_loop(model, output, prompt.shape[1], stopper, accept_lengths, streamer, limit)
+        else:
+            decoder = TreeDecoder(model, decoder_tree, output, seed=seed)
+            while stopper.reason is None:
+                if len(output) > limit:
+                    stopper.reason = "context"
+                    break
+                chunk = decoder.step() if decoder.fits(limit) else decoder.greedy_step()
+                emitted = stopper.cut(chunk)
+                accept_lengths.append(len(emitted))
+                _emit(emitted, output, streamer)
+                decoder.extend_retrieval(emitted)
+    else:
+        stopper.reason = "max_new_tokens"
+    _sync(device)
+    decode_seconds = time.perf_counter() - start
+    if streamer is not None:
+        streamer.end()
+    if stopper.reason == "context":
+        warnings.warn(
+            f"decoding stopped at the end of the model's context ({limit} tokens) before EOS "
+            f"or max_new_tokens; load the model with a larger max_seq_len for longer outputs.",
+            stacklevel=2,
+        )
+    new_tokens = len(output) - prompt.shape[1]
+    return GenerationResult(
+        output_ids=torch.tensor([output], dtype=torch.long),
+        new_tokens=new_tokens,
+        steps=len(accept_lengths),
+        accept_lengths=accept_lengths,
+        prefill_seconds=prefill_seconds,
+        decode_seconds=decode_seconds,
+        stop_reason=stopper.reason,
+        method=method,
+    )
+
+
+def _emit(chunk: list[int], output: list[int], streamer) -> None:
+    output.extend(chunk)
+    if streamer is not None and chunk:
+        streamer.put(torch.tensor(chunk, dtype=torch.long))
+
+
+def _prompt_tensor(input_ids: Tensor | Sequence[int]) -> Tensor:
+    if isinstance(input_ids, Tensor):
+        prompt = input_ids.detach().to("cpu", torch.long)
+        if prompt.dim() == 1:
+            prompt = prompt[None]
+    else:
+        prompt = torch.tensor([list(input_ids)], dtype=torch.long)
+    if prompt.dim() != 2 or prompt.shape[0] != 1:
+        raise ValueError(
+            f"input_ids must be one prompt, shape [1, L] or a list of ints; got shape "
+            f"{tuple(prompt.shape)} (batched decoding takes one prompt at a time for now)."
+        )
+    if prompt.shape[1] == 0:
+        raise ValueError("input_ids is empty; give at least one prompt token (e.g. BOS).")
+    return prompt
+
+
+def _eos_ids(model, eos_token_id: int | Sequence[int] | None) -> tuple[int, ...]:
+    if eos_token_id is None:
+        return tuple(model.config.eos_token_ids)
+    if isinstance(eos_token_id, int):
+        return (eos_token_id,)
+    return tuple(int(t) for t in eos_token_id)
+
+
+def _tree_for(method: str, tree: TreeSpec | str | None, retrieval: bool) -> TreeSpec | None:
+    """The tree a method decodes with; None for plain greedy decoding."""
+    if method == "greedy":
+        return None
+    if method == "jacobi":
+        return tree if isinstance(tree, TreeSpec) else chain_tree(JACOBI_DEPTH)
+    if isinstance(tree, str):
+        from msn.tree import parse_tree
+
+        tree = parse_tree(tree)
+    tree = tree or paper_tree()
+    return tree if retrieval else tree.without_retrieval()
+
+
+def _greedy_loop(model, output, prompt_len, stopper, accept_lengths, streamer, limit) -> None:
+    """Plain autoregressive decoding through the same model and cache."""
+    device = model.device
+    cache_len = torch.tensor([prompt_len], device=device)
+    token = torch.tensor([[output[-1]]], device=device)
+    while stopper.reason is None:
+        if int(cache_len) + 1 > limit:
+            stopper.reason = "context"
+            break
+        logits = model(token, cache_lens=cache_len)
+        token = logits[:, -1].argmax(dim=-1, keepdim=True)
+        cache_len += 1
+        emitted = stopper.cut([int(token)])
+        accept_lengths.append(len(emitted))
+        _emit(emitted, output, streamer)
+
+
+class TreeDecoder:
+    """State of Jacobi / TR-Jacobi decoding for one prompt: cache length, candidates, index.
+
+    `output` is the shared list of prompt + emitted tokens; its last token is the pending one
+    (emitted, but its keys and values are not yet in the cache).
+    """
+
+    def __init__(self, model, tree: TreeSpec, output: list[int], seed: int = 0):
+        self.model = model
+        self.tree = tree
+        self.output = output
+        self.device = model.device
+        self.rng = random.Random(seed)
+        self.depth = tree.max_depth
+        self.width = max(tree.max_top_k, 1)
+        self.vocab_size = model.config.vocab_size
+        # Each depth keeps one spare candidate beyond the tree's width (see tree_tokens).
+        self.row_size = min(self.width + 1, self.vocab_size)
+        tensors = tree.tensors_on(self.device)
+        self.mask = tensors.mask
+        self.depths = tensors.depths
+        self.parents = tree.parents
+        self.cache_len = len(output) - 1
+        continuation = _continuations(tree)
+        self.continuation = continuation.to(self.device)
+        self.follow_lengths = (continuation >= 0).sum(dim=1).tolist()
+        # candidates[d][r]: rank-r guess for the token d + 1 places after the pending one.
+        self.candidates: list[list[int] | None] = [None] * self.depth
+        self.index = (
+            NgramIndex(RETRIEVAL_NGRAM, tree.retrieval_depth) if tree.has_retrieval else None
+        )
+        if self.index is not None:
+            self.index.extend(output)
+        self._jacobi_nodes = [
+            (node, tree.depths[node] - 1, tree.ranks[node])
+            for node in range(tree.num_nodes)
+            if tree.kinds[node] == JACOBI
+        ]
+        self._retrieval_nodes = [n for n in range(tree.num_nodes) if tree.kinds[n] == RETRIEVAL]
+        # Depth-1 Jacobi leaves may repeat the retrieval draft's first token: such a slot
+        # could never add anything, so it gets the depth's spare candidate instead.
+        has_child = set(tree.parents)
+        self._depth_one_leaves = [
+            n for n, d, _ in self._jacobi_nodes if d == 0 and n not in has_child
+        ]
+
+    def fits(self, limit: int) -> bool:
+        return self.cache_len + self.tree.num_nodes <= limit
+
+    def extend_retrieval(self, chunk: list[int]) -> None:
+        if self.index is not None:
+            self.index.extend(chunk)
+
+    def tree_tokens(self) -> list[int]:
+        """The token of every node for this step."""
+        tokens = [self.output[-1]] * self.tree.num_nodes
+        rows = [self._candidate_row(d) for d in range(self.depth)]
+        for node, depth, rank in self._jacobi_nodes:
+            tokens[node] = rows[depth][rank]
+        if self._retrieval_nodes:
+            draft = self.index.lookup()
+            for depth, node in enumerate(self._retrieval_nodes):
+                tokens[node] = draft[depth] if depth < len(draft) else self._random_token(())
+            first = tokens[self._retrieval_nodes[0]]
+            for node in self._depth_one_leaves:
+                if tokens[node] == first:
+                    spare = rows[0][self.width :]
+                    tokens[node] = spare[0] if spare else self._random_token([*rows[0], first])
+        return tokens
+
+    def _candidate_row(self, depth: int) -> list[int]:
+        """Candidates for one depth: the previous step's top-k, else random context tokens."""
+        row = self.candidates[depth]
+        if row is None:
+            row = []
+            while len(row) < self.row_size:
+                row.append(self._random_token(row))
+            self.candidates[depth] = row
+        return row
+
+    def _random_token(self, avoid: Sequence[int]) -> int:
+        """A token drawn from the context, distinct from `avoid` when the context allows."""
+        for _ in range(8):
+            token = self.output[self.rng.randrange(len(self.output))]
+            if token not in avoid:
+                return token
+        return next(t for t in range(self.vocab_size) if t not in avoid)
+
+    def step(self) -> list[int]:
+        """One tree step; returns the emitted tokens (accepted drafts plus the bonus token)."""
+        node_tokens = self.tree_tokens()
+        tokens = torch.tensor([node_tokens], device=self.device)
+        cache_lens = torch.tensor([self.cache_len], device=self.device)
+        logits = self.model(
+            tokens,
+            positions=cache_lens[:, None] + self.depths[None],
+            cache_lens=cache_lens,
+            tree_mask=self.mask,
+        )
+        verdict = greedy_verify(logits, tokens, self.parents)
+        self.model.compact_cache(cache_lens, verdict.accepted_nodes)
+
+        # Jacobi update, read back with the verdict in a single transfer.
+        chosen = verdict.accepted_nodes[0].gather(0, verdict.accept_len)  # (1,)
+        follow = self.continuation[chosen[0]]  # (depth,)
+        top = logits[0, follow.clamp(min=0)].topk(self.row_size, dim=-1).indices  # (depth, K+1)
+        packed = torch.cat(
+            [verdict.accept_len, verdict.next_token, verdict.accepted_nodes[0], top.flatten()]
+        ).tolist()
+        accept_len, next_token = packed[0], packed[1]
+        path = packed[2 : 2 + accept_len + 1]
+        top_rows = packed[2 + self.depth + 1 :]
+        follow_valid = self.follow_lengths[path[-1]]
+        row = self.row_size
+        self.candidates = [
+            top_rows[d * row : (d + 1) * row] if d < follow_valid else None
+            for d in range(self.depth)
+        ]
+        chunk = [node_tokens[node] for node in path[1:]] + [next_token]
+        self.cache_len += accept_len + 1
+        return chunk
+
+    def greedy_step(self) -> list[int]:
+        """One plain step, for the last positions of the context where the tree cannot fit."""
+        cache_lens = torch.tensor([self.cache_len], device=self.device)
+        logits = self.model(
+            torch.tensor([[self.output[-1]]], device=self.device), cache_lens=cache_lens
+        )
+        self.cache_len += 1
+        self.candidates = [None] * self.depth
+        return [int(logits[0, -1].argmax())]
+
+
+def _continuations(tree: TreeSpec) -> Tensor:
+    """For each node, the nodes below it whose logits become next step's candidates.
+
+    Row x lists, depth by depth, the path that continues from x: its lowest-rank Jacobi child,
+    or its retrieval child where it has no Jacobi child; -1 padded to `max_depth`.
+    """
+    children: dict[int, list[int]] = {}
+    for node in range(1, tree.num_nodes):
+        children.setdefault(tree.parents[node], []).append(node)
+
+    def preference(node: int) -> tuple[int, int]:
+        return (tree.kinds[node] != JACOBI, tree.ranks[node])
+
+    table = torch.full((tree.num_nodes, max(tree.max_depth, 1)), -1, dtype=torch.long)
+    for node in range(tree.num_nodes):
+        current, depth = node, 0
+        while current in children:
+            current = min(children[current], key=preference)
+            table[node, depth] = current
+            depth += 1
+    return table
