@@ -27,7 +27,7 @@ from msn_kernels.dispatch import use_triton
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BLOCK_V = 1024
-_INT32_MAX = 2**31 - 1
+_INT32_MAX = tl.constexpr(2**31 - 1)  # padding index, above any token id
 
 
 class VerifyResult(NamedTuple):

@@ -18,6 +18,8 @@ widened to fp32 under the interpreter, which cannot do bf16 arithmetic). float64
 dims use the PyTorch reference.
 """
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -28,7 +30,6 @@ _LOG2E = 1.4426950408889634
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FLOAT_DTYPES = (*_TRITON_DTYPES, torch.float64)
-_BLOCK_N = 64
 _MIN_KEYS_PER_SPLIT = 256
 
 
@@ -264,6 +265,26 @@ def _pick_num_splits(programs: int, S: int, rows_per_kv_head: int, device: torch
     return max(1, min(wanted, by_length, by_traffic, 64))
 
 
+class TileConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def tile_config(rows: int, head_dim: int, dtype: torch.dtype) -> TileConfig:
+    """Tiles per dtype, checked for spills and shared memory by tests/test_kernel_codegen.py.
+
+    fp16/bf16: up to 64 packed query rows against 64 keys, 8 warps for the 64 x 128 tile (4 would
+    need ~255 registers a thread). fp32 runs exact "ieee" dots on FMA units, which spill at these
+    sizes, so it takes 16 x 32 tiles.
+    """
+    if dtype == torch.float32:
+        return TileConfig(block_m=16, block_n=32, num_warps=8, num_stages=2)
+    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    return TileConfig(block_m, 64, 8 if block_m * head_dim >= 64 * 128 else 4, 3)
+
+
 def tree_attention_triton(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -288,8 +309,8 @@ def tree_attention_triton(
         return out
 
     rows = group * T
-    block_m = min(64, max(16, triton.next_power_of_2(rows)))
-    m_tiles = triton.cdiv(rows, block_m)
+    tiles = tile_config(rows, D, q.dtype)
+    m_tiles = triton.cdiv(rows, tiles.block_m)
     if num_splits is None:
         num_splits = _pick_num_splits(B * Hkv * m_tiles, S, rows, q.device)
     if num_splits > 1:
@@ -307,9 +328,9 @@ def tree_attention_triton(
         stride_mb, mask.stride(-2),
         out.stride(0), out.stride(1), out.stride(2),
         scale * _LOG2E, T, Hkv,
-        GROUP=group, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=_BLOCK_N,
+        GROUP=group, HEAD_DIM=D, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
         NUM_SPLITS=num_splits, FP32_DOT=fp32_dot,
-        num_warps=4,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     if num_splits > 1:
         n_rows = B * Hq * T
