@@ -1,0 +1,119 @@
+"""`msn generate`: stream a completion, then report tokens per step and tokens per second."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from msn.decoding import METHODS, generate
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="checkpoint directory or hub id (default: embedded model)")
+    parser.add_argument("--prompt", required=True, help="the prompt text ('-' reads stdin)")
+    parser.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    parser.add_argument("--method", choices=METHODS, default="tr-jacobi")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument(
+        "--tree", default="paper", help="tr-jacobi tree: paper, chain:N, comb:W1,W2,...[+rN]"
+    )
+    parser.add_argument("--no-retrieval", action="store_true", help="tr-jacobi without n-grams")
+    parser.add_argument("--compare", action="store_true", help="also run greedy and compare")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of results")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="bfloat16, float16, float32, float64")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def encode_prompt(tokenizer, text: str, chat: bool, model_path: str) -> list[int]:
+    if not chat:
+        return tokenizer(text)["input_ids"]
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"the tokenizer of {model_path} has no chat template, so --chat cannot format the "
+            "prompt; drop --chat to send the raw text, or add a chat_template to its "
+            "tokenizer_config.json (or chat_template.jinja)."
+        )
+    messages = [{"role": "user", "content": text}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+
+class _Streamer:
+    """Prints text as chunks are accepted; skips the prompt (transformers streamer protocol)."""
+
+    def __init__(self, tokenizer, out):
+        self.tokenizer, self.out = tokenizer, out
+        self.tokens: list[int] = []
+        self.printed = 0
+        self.seen_prompt = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.seen_prompt:
+            self.seen_prompt = True
+            return
+        self.tokens += value.flatten().tolist()
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        # Hold back an incomplete multi-byte character until its bytes arrive.
+        if not text.endswith("\ufffd"):
+            self.out.write(text[self.printed :])
+            self.out.flush()
+            self.printed = len(text)
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        self.out.write(text[self.printed :] + "\n")
+        self.out.flush()
+
+
+def main(args: argparse.Namespace) -> int:
+    from msn import default_model_path, load_model, load_tokenizer
+
+    path = args.model or str(default_model_path())
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
+    tokenizer = load_tokenizer(path)
+    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = encode_prompt(tokenizer, text, args.chat, path)
+    model = load_model(path, device=args.device, dtype=args.dtype)
+    options = dict(method=args.method, seed=args.seed)
+    if args.method == "tr-jacobi":
+        options.update(tree=args.tree, retrieval=not args.no_retrieval)
+    eos = sorted({*model.config.eos_token_ids, tokenizer.eos_token_id} - {None})
+
+    result = generate(
+        model, prompt, args.max_new_tokens, eos_token_id=eos,
+        streamer=_Streamer(tokenizer, sys.stdout), **options,
+    )  # fmt: skip
+    summary = {
+        "text": tokenizer.decode(result.output_ids[0, len(prompt) :], skip_special_tokens=True),
+        "method": args.method,
+        "new_tokens": result.new_tokens,
+        "steps": result.steps,
+        "tokens_per_step": round(result.tokens_per_step, 4),
+        "tokens_per_second": round(result.tokens_per_second, 2),
+        "stop_reason": result.stop_reason,
+    }
+    print(
+        f"[{args.method}] {result.new_tokens} new tokens in {result.steps} steps: "
+        f"{result.tokens_per_step:.2f} tokens/step, {result.tokens_per_second:.1f} tokens/s"
+    )
+    if args.compare:
+        greedy = generate(model, prompt, args.max_new_tokens, method="greedy", eos_token_id=eos)
+        identical = torch.equal(greedy.output_ids, result.output_ids)
+        speedup = result.tokens_per_second / max(greedy.tokens_per_second, 1e-9)
+        summary.update(
+            greedy_tokens_per_second=round(greedy.tokens_per_second, 2),
+            speedup=round(speedup, 3),
+            identical=identical,
+        )
+        print(
+            f"[greedy] {greedy.tokens_per_second:.1f} tokens/s; speed-up {speedup:.2f}x; "
+            f"outputs {'identical' if identical else 'DIFFER'}"
+        )
+    if args.json:
+        print(json.dumps(summary))
+    return 0
