@@ -69,6 +69,7 @@ class TurnRecord:
     accept_lengths: tuple[int, ...]
     wall_seconds: float
     text: str
+    stop_reason: str | None = None  # as msn.generate reports it ("eos", "length", "context")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,11 +167,14 @@ def run_questions(
     chat: bool = False,
     warmup: bool = True,
     progress: bool = True,
+    context_len: int | None = None,
 ) -> list[TurnRecord]:
     """Answer every turn of every question with every method; time each generate call.
 
     Methods run interleaved per question, so that load drifts on a shared machine hit all of
-    them alike. ``warmup`` first runs each method once, untimed, on a short generation.
+    them alike. ``warmup`` first runs each method once, untimed, on a short generation. A turn
+    whose prompt does not fit ``context_len`` tokens is skipped with the question's later
+    turns (they are longer still), so a small-context model can run the whole set.
     """
     from tqdm.auto import tqdm
 
@@ -178,13 +182,16 @@ def run_questions(
         first = [{"role": "user", "content": questions[0].turns[0]}]
         prompt = encode_prompt(tokenizer, first, chat)
         for method in methods:
-            generate_fn(prompt, method, min(WARMUP_TOKENS, max_new_tokens))
+            if context_len is None or len(prompt) < context_len:
+                generate_fn(prompt, method, min(WARMUP_TOKENS, max_new_tokens))
     records: list[TurnRecord] = []
     total = len(methods) * sum(len(q.turns) for q in questions)
     with tqdm(total=total, desc="msn bench", unit="turn", disable=not progress) as bar:
         for question in questions:
             for method in methods:
-                records += _answer(question, method, generate_fn, tokenizer, max_new_tokens, chat)
+                records += _answer(
+                    question, method, generate_fn, tokenizer, max_new_tokens, chat, context_len
+                )
                 bar.update(len(question.turns))
     return records
 
@@ -196,12 +203,15 @@ def _answer(
     tokenizer: Any,
     max_new_tokens: int,
     chat: bool,
+    context_len: int | None,
 ) -> list[TurnRecord]:
     messages: list[dict[str, str]] = []
     records = []
     for turn, content in enumerate(question.turns):
         messages.append({"role": "user", "content": content})
         prompt = encode_prompt(tokenizer, messages, chat)
+        if context_len is not None and len(prompt) >= context_len:
+            break
         start = time.perf_counter()
         try:
             result = generate_fn(prompt, method, max_new_tokens)
@@ -225,6 +235,7 @@ def _answer(
                 accept_lengths=tuple(int(n) for n in result.accept_lengths),
                 wall_seconds=seconds,
                 text=text,
+                stop_reason=getattr(result, "stop_reason", None),
             )
         )
     return records
@@ -342,6 +353,7 @@ def answers_for(records: Sequence[TurnRecord], method: str) -> list[dict[str, An
                         "decoding_steps": [r.steps for r in turns],
                         "accept_lengths": [list(r.accept_lengths) for r in turns],
                         "wall_time": [r.wall_seconds for r in turns],
+                        "stop_reason": [r.stop_reason for r in turns],
                     }
                 ],
             }
@@ -458,7 +470,11 @@ def _run(args: argparse.Namespace) -> int:
         args.max_new_tokens,
         chat=args.chat,
         progress=not args.no_progress,
+        context_len=getattr(model, "max_seq_len", None),
     )
+    if not records:
+        raise ValueError(f"no prompt fits the model's context of {model.max_seq_len} tokens")
+    planned = len(methods) * sum(len(q.turns) for q in questions)
     settings = {
         "model": str(model_path),
         "device": device,
@@ -466,6 +482,7 @@ def _run(args: argparse.Namespace) -> int:
         "questions": f"{args.questions or 'built-in set'} ({len(questions)} questions)",
         "max new tokens": args.max_new_tokens,
         "chat template": "yes" if args.chat else "no",
+        "turns skipped (prompt longer than the model's context)": planned - len(records),
     }
     rows = write_report(args.output, records, settings)
     print(markdown_table([r for r in rows if r.category == OVERALL]))

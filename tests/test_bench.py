@@ -167,6 +167,17 @@ def test_run_questions_feeds_answers_back(chat):
     assert first.prompt_tokens == len(generate.calls[2][0])
 
 
+def test_run_questions_skips_turns_beyond_the_context():
+    questions = [Question(1, "mt_bench", ("Hi", "More")), Question(2, "qa", ("x" * 40,))]
+    generate = StubGenerate()
+    # Turn 1 of question 1 has 1 + 2 + 2 prompt tokens, turn 2 has 1 + 2 + 2 + 5 + 2 + 4 + 2.
+    records = run_questions(
+        questions, ["greedy"], generate, CharTokenizer(), 5, progress=False, context_len=10
+    )
+    assert [(r.question_id, r.turn) for r in records] == [(1, 0)]
+    assert len(generate.calls) == 1 + 1
+
+
 def test_run_questions_names_the_failing_turn():
     def failing(prompt, method, max_new_tokens):
         raise ValueError("context full")
@@ -260,6 +271,11 @@ def test_cli_without_model_or_default(tmp_path, capsys, monkeypatch):
     assert "pass --model" in capsys.readouterr().err
 
 
+class StubModel:
+    max_seq_len = 1000
+    dtype = "stub"
+
+
 @pytest.fixture
 def stub_msn(monkeypatch):
     """msn.load_model / load_tokenizer / generate replaced by stubs; returns the calls."""
@@ -269,7 +285,7 @@ def stub_msn(monkeypatch):
         calls.append(options)
         return StubGenerate()(prompt, options["method"], max_new_tokens)
 
-    monkeypatch.setattr(msn, "load_model", lambda path, device, dtype: ("model", device, dtype))
+    monkeypatch.setattr(msn, "load_model", lambda path, device, dtype: StubModel())
     monkeypatch.setattr(msn, "load_tokenizer", lambda path: CharTokenizer())
     monkeypatch.setattr(msn, "generate", generate, raising=False)
     return calls
@@ -290,7 +306,16 @@ def test_cli_with_stub_model(stub_msn, tmp_path, capsys):
         "report.png",
         "summary.json",
     ]
-    assert "- device: cpu" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "- device: cpu" in report
+    assert "- turns skipped (prompt longer than the model's context): 0" in report
+
+
+def test_cli_no_prompt_fits(stub_msn, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(StubModel, "max_seq_len", 3)
+    argv = ["bench", "--model", "stub", "--no-progress", "--output", str(tmp_path)]
+    assert cli_main(argv) == 2
+    assert "no prompt fits the model's context of 3 tokens" in capsys.readouterr().err
 
 
 def test_cli_chat_without_template(stub_msn, monkeypatch, tmp_path, capsys):
