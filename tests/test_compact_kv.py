@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from msn_kernels import compact_kv, compact_kv_reference
 
 ck = importlib.import_module("msn_kernels.compact_kv")  # the package re-exports the function
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def expected_after(cache: torch.Tensor, cache_lens: list[int], accepted: list[list[int]]):
@@ -43,9 +44,10 @@ def run_case(layers: int | None, B: int, Hkv: int, D: int, T: int, seed: int, fn
     accepted = torch.tensor([p + [-1] * (M - len(p)) for p in paths])
     want_k = expected_after(k, cache_lens.tolist(), accepted.tolist())
     want_v = expected_after(v, cache_lens.tolist(), accepted.tolist())
+    k, v, cache_lens, accepted = (t.to(DEVICE) for t in (k, v, cache_lens, accepted))
     lens_before = cache_lens.clone()
     fn(k, v, cache_lens, accepted)
-    assert torch.equal(k, want_k) and torch.equal(v, want_v)
+    assert torch.equal(k.cpu(), want_k) and torch.equal(v.cpu(), want_v)
     assert torch.equal(cache_lens, lens_before), "compact_kv must not change cache_lens"
 
 
@@ -57,9 +59,10 @@ def test_moves_match_the_oracle(layers: int | None, D: int, fn) -> None:
 
 def test_overlapping_moves() -> None:
     """Prefix 1, path [0, 2, 5, 6]: slot 1 reads position 3, which slot 2 overwrites."""
-    k = torch.arange(10.0).repeat_interleave(4).view(1, 1, 10, 4)  # (B, Hkv, S, D), k[s] = s
+    k = torch.arange(10.0, device=DEVICE).repeat_interleave(16).view(1, 1, 10, 16)  # k[s] = s
     v = -k
-    compact_kv(k, v, torch.tensor([1]), torch.tensor([[0, 2, 5, 6, -1]]))
+    accepted = torch.tensor([[0, 2, 5, 6, -1]], device=DEVICE)
+    compact_kv(k, v, torch.tensor([1], device=DEVICE), accepted)
     assert k[0, 0, :, 0].tolist() == [0, 1, 3, 6, 7, 5, 6, 7, 8, 9]
     assert torch.equal(v, -k)
 

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from msn_kernels import VerifyResult, greedy_verify, greedy_verify_reference
 
 gv = importlib.import_module("msn_kernels.greedy_verify")  # the package re-exports the function
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.fixture
@@ -38,7 +39,7 @@ def oracle(logits: torch.Tensor, tokens: torch.Tensor, parents: list[int]) -> Ve
     depth = [0] * T
     for i in range(1, T):
         depth[i] = depth[parents[i]] + 1
-    amax = logits.argmax(-1).tolist()
+    amax = logits.cpu().argmax(-1).tolist()
     tok = tokens.tolist()
     lens, paths, nexts = [], [], []
     for b in range(B):
@@ -59,8 +60,8 @@ def oracle(logits: torch.Tensor, tokens: torch.Tensor, parents: list[int]) -> Ve
 
 def assert_result(result: VerifyResult, expected: VerifyResult) -> None:
     for name, got, want in zip(VerifyResult._fields, result, expected, strict=True):
-        assert got.dtype == torch.int64, name
-        assert torch.equal(got, want.to(torch.int64)), f"{name}: got {got}, want {want}"
+        assert got.dtype == torch.int64 and got.device.type == DEVICE.type, name
+        assert torch.equal(got.cpu(), want.cpu().long()), f"{name}: got {got}, want {want}"
 
 
 # (parents, argmax at each node per row, tokens per row, accept_len, accepted_nodes, next_token)
@@ -97,7 +98,8 @@ HAND_BUILT = {
 def test_hand_built(case: str, implementation: str, poison_empty) -> None:
     parents, argmax_tokens, tokens, accept_len, nodes, next_token = HAND_BUILT[case]
     fn = greedy_verify if implementation == "dispatch" else greedy_verify_reference
-    result = fn(one_hot_logits(argmax_tokens), torch.tensor(tokens), parents)
+    logits = one_hot_logits(argmax_tokens).to(DEVICE)
+    result = fn(logits, torch.tensor(tokens, device=DEVICE), parents)
     expected = VerifyResult(torch.tensor(accept_len), torch.tensor(nodes), torch.tensor(next_token))
     assert_result(result, expected)
 
@@ -106,10 +108,10 @@ def test_hand_built(case: str, implementation: str, poison_empty) -> None:
 def test_argmax_ties_go_to_the_first_token(dtype: torch.dtype, poison_empty) -> None:
     """Token 2 and token 2500 share the root's maximum (across vocabulary chunks): 2 wins."""
     V = 3000
-    logits = torch.zeros(1, 3, V, dtype=dtype)
+    logits = torch.zeros(1, 3, V, dtype=dtype, device=DEVICE)
     logits[0, 0, [2, 2500]] = 4.0
     logits[0, 1, [V - 1]] = -1.0  # all others 0: argmax is the first 0, token 0
-    tokens = torch.tensor([[7, 2500, 2]])
+    tokens = torch.tensor([[7, 2500, 2]], device=DEVICE)
     result = greedy_verify(logits, tokens, torch.tensor([-1, 0, 0]))
     assert_result(
         result, VerifyResult(torch.tensor([1]), torch.tensor([[0, 2]]), torch.tensor([0]))
@@ -117,7 +119,7 @@ def test_argmax_ties_go_to_the_first_token(dtype: torch.dtype, poison_empty) -> 
 
 
 def test_strided_logits_and_all_minus_inf_rows(poison_empty) -> None:
-    full = torch.randn(2, 9, 40)
+    full = torch.randn(2, 9, 40, device=DEVICE)
     full[1, 2] = float("-inf")  # argmax of an all -inf row is token 0, as in torch.argmax
     logits = full[:, 2:7]  # (2, 5, 40), not contiguous over nodes
     parents = [-1, 0, 1, 1, 3]
@@ -158,7 +160,7 @@ def verify_inputs(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, list[int
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(verify_inputs())
 def test_random_trees_match_the_oracle(inputs: tuple[torch.Tensor, torch.Tensor, list[int]]):
-    logits, tokens, parents = inputs
+    logits, tokens, parents = (inputs[0].to(DEVICE), inputs[1].to(DEVICE), inputs[2])
     expected = oracle(logits, tokens, parents)
     assert_result(greedy_verify(logits, tokens, parents), expected)
     assert_result(greedy_verify_reference(logits, tokens, torch.tensor(parents)), expected)

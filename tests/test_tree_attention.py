@@ -15,6 +15,7 @@ from msn_kernels import tree_attention, tree_attention_reference
 # The package re-exports the function under the module's name, so fetch the module itself.
 ta = importlib.import_module("msn_kernels.tree_attention")
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float64: 1e-12}
 
 
@@ -53,6 +54,7 @@ def root_path(parents: list[int], i: int) -> list[int]:
 
 def oracle(q, k, v, cache_lens, trees, scale) -> torch.Tensor:
     """Causal attention of each node over the prefix plus its root-to-node chain, in float64."""
+    q, k, v, cache_lens = (t.cpu() for t in (q, k, v, cache_lens))
     B, Hq, T, D = q.shape
     group = Hq // k.shape[1]
     out = torch.empty(B, Hq, T, D, dtype=torch.float64)
@@ -83,7 +85,7 @@ def make_case(B, Hkv, group, T, D, dtype, prefix_max, shared_tree, seed):
     first = random_parents(T, rng)
     trees = [first if shared_tree else random_parents(T, rng) for _ in range(B)]
     mask = ancestor_mask(first) if shared_tree else torch.stack([ancestor_mask(p) for p in trees])
-    return q, k, v, cache_lens, mask, trees
+    return *(t.to(DEVICE) for t in (q, k, v, cache_lens, mask)), trees
 
 
 CASES = [
@@ -112,7 +114,7 @@ def test_matches_oracle(group, D, T, dtype, num_splits, shared_tree, poison_empt
     out = tree_attention(q, k, v, cache_lens, mask, num_splits=num_splits)
     assert out.dtype == dtype and out.shape == q.shape
     expected = oracle(q, k, v, cache_lens, trees, D**-0.5)
-    torch.testing.assert_close(out.double(), expected, atol=TOLERANCE[dtype], rtol=0)
+    torch.testing.assert_close(out.double().cpu(), expected, atol=TOLERANCE[dtype], rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -121,7 +123,7 @@ def test_reference_matches_oracle(dtype: torch.dtype) -> None:
         B=3, Hkv=2, group=4, T=21, D=48, dtype=dtype, prefix_max=30, shared_tree=False, seed=7
     )
     out = tree_attention_reference(q, k, v, cache_lens, mask, sm_scale=0.3)
-    torch.testing.assert_close(out.double(), oracle(q, k, v, cache_lens, trees, 0.3),
+    torch.testing.assert_close(out.double().cpu(), oracle(q, k, v, cache_lens, trees, 0.3),
                                atol=TOLERANCE[dtype], rtol=0)  # fmt: skip
 
 
@@ -136,7 +138,7 @@ def test_float64_and_odd_head_dim_use_the_reference(monkeypatch: pytest.MonkeyPa
         )
         out = tree_attention(q, k, v, cache_lens, mask)
         expected = oracle(q, k, v, cache_lens, trees, D**-0.5)
-        torch.testing.assert_close(out.double(), expected, atol=TOLERANCE[dtype], rtol=0)
+        torch.testing.assert_close(out.double().cpu(), expected, atol=TOLERANCE[dtype], rtol=0)
 
 
 def test_msn_kernels_torch_forces_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -160,7 +162,7 @@ def test_custom_scale_strided_inputs_and_empty_prefix(poison_empty) -> None:
     )
     q_strided = q.transpose(1, 2).contiguous().transpose(1, 2)  # (B, Hq, T, D) with T-major strides
     out = tree_attention(q_strided, k, v, cache_lens, mask, sm_scale=0.7)
-    torch.testing.assert_close(out.double(), oracle(q, k, v, cache_lens, trees, 0.7),
+    torch.testing.assert_close(out.double().cpu(), oracle(q, k, v, cache_lens, trees, 0.7),
                                atol=2e-5, rtol=0)  # fmt: skip
 
 
