@@ -98,7 +98,7 @@ class ReportRow:
 
 def default_questions_path() -> Path:
     """The small prompt set shipped with the package (a few per Spec-Bench category)."""
-    return Path(str(resources.files("msn") / "data" / "bench_questions.jsonl"))
+    return Path(str(resources.files("msn") / "assets" / "bench_questions.jsonl"))
 
 
 def parse_questions(lines: Iterable[str], source: str = "<questions>") -> list[Question]:
