@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One call on a CUDA machine gives every kernel number:
+#   1. the test suite on CUDA with the Triton interpreter off (the kernel tests then run the
+#      compiled kernels on GPU tensors), plus the full codegen sweep (MSN_CODEGEN_FULL=1);
+#   2. the kernel benchmarks (benchmarks/bench_kernels.py: tables, JSON, PNG);
+#   3. a summary table in $OUT/gpu_suite.md with the card, commit and commands.
+# Usage: bash benchmarks/gpu_suite.sh [OUT_DIR]   (default benchmarks/results)
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+OUT="${1:-benchmarks/results}"
+mkdir -p "$OUT"
+export TRITON_INTERPRET=0
+unset MSN_KERNELS
+
+if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_suite.sh: no CUDA device visible to torch; nothing to measure" >&2
+    exit 2
+fi
+
+card="$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -1)"
+commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+
+tests_cmd="python -m pytest tests -q -p no:cacheprovider"
+echo "== $tests_cmd"
+MSN_CODEGEN_FULL=1 $tests_cmd 2>&1 | tee "$OUT/tests.log"
+tests_status=${PIPESTATUS[0]}
+
+bench_cmd="python benchmarks/bench_kernels.py --out $OUT"
+echo "== $bench_cmd"
+$bench_cmd 2>&1 | tee "$OUT/bench_kernels.log"
+bench_status=${PIPESTATUS[0]}
+
+{
+    echo "# GPU suite"
+    echo
+    echo "| item | value |"
+    echo "|---|---|"
+    echo "| card | $card |"
+    echo "| commit | $commit |"
+    echo "| date | $(date -u +%Y-%m-%dT%H:%MZ) |"
+    echo "| tests | \`MSN_CODEGEN_FULL=1 TRITON_INTERPRET=0 $tests_cmd\`: $(tail -1 "$OUT/tests.log") (exit $tests_status) |"
+    echo "| benchmarks | \`$bench_cmd\` (exit $bench_status) |"
+    echo
+    if [ -f "$OUT/kernels.md" ]; then
+        sed 's/^# /## /' "$OUT/kernels.md"
+        echo
+        echo "![tree_attention GB/s](tree_attention_gbps.png)"
+    fi
+} > "$OUT/gpu_suite.md"
+
+echo "wrote $OUT/gpu_suite.md"
+exit $(( tests_status != 0 || bench_status != 0 ))
