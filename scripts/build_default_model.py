@@ -38,7 +38,7 @@ from pathlib import Path
 import tokenizers
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import msn.train
@@ -167,6 +167,11 @@ def train_tokenizer(texts: list[str], vocab_size: int = 2048) -> PreTrainedToken
         show_progress=False,
     )
     backend.train_from_iterator(texts, trainer=trainer)
+    # tokenizer(text) starts with <|bos|>, as training examples do.
+    bos_id = backend.token_to_id("<|bos|>")
+    backend.post_processor = processors.TemplateProcessing(
+        single="<|bos|> $A", pair="<|bos|> $A $B", special_tokens=[("<|bos|>", bos_id)]
+    )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token="<|bos|>",
