@@ -223,7 +223,7 @@ def greedy_verify_triton(
         return VerifyResult(accept_len, accepted_nodes, next_token)
 
     if logits.is_cuda:
-        programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count  # cached
         wanted = triton.cdiv(programs, B * T)
     else:
         wanted = 2  # exercise the chunk merge under the interpreter

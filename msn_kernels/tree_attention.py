@@ -18,6 +18,7 @@ widened to fp32 under the interpreter, which cannot do bf16 arithmetic). float64
 dims use the PyTorch reference.
 """
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -253,15 +254,19 @@ def _validate(
             )
 
 
+@functools.cache
+def _sm_count(device_index: int | None) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _pick_num_splits(programs: int, S: int, rows_per_kv_head: int, device: torch.device) -> int:
     """Enough splits to fill the GPU, but keep >= 256 keys per split and small partial traffic."""
     if device.type != "cuda":
         return max(1, min(4, S // (4 * _MIN_KEYS_PER_SPLIT)))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    wanted = triton.cdiv(2 * sms, programs)
+    wanted = triton.cdiv(2 * _sm_count(device.index), programs)
     by_length = max(1, S // _MIN_KEYS_PER_SPLIT)
-    # Partials cost 8 bytes per (row, split, dim) in and out; keep them well under the K/V bytes.
-    by_traffic = max(1, S // (8 * rows_per_kv_head))
+    # Partials cost 8 bytes per (row, split, dim), mostly in L2; keep them under the K/V bytes.
+    by_traffic = max(1, S // (2 * rows_per_kv_head))
     return max(1, min(wanted, by_length, by_traffic, 64))
 
 
@@ -272,13 +277,16 @@ class TileConfig(NamedTuple):
     num_stages: int
 
 
-def tile_config(rows: int, head_dim: int, dtype: torch.dtype) -> TileConfig:
+def tile_config(rows: int, head_dim: int, dtype: torch.dtype, on_gpu: bool = True) -> TileConfig:
     """Tiles per dtype, checked for spills and shared memory by tests/test_kernel_codegen.py.
 
     fp16/bf16: up to 64 packed query rows against 64 keys, 8 warps for the 64 x 128 tile (4 would
     need ~255 registers a thread). fp32 runs exact "ieee" dots on FMA units, which spill at these
-    sizes, so it takes 16 x 32 tiles.
+    sizes, so it takes 16 x 32 tiles. The interpreter (CPU) has no registers to spill and runs
+    fastest on few, large tiles.
     """
+    if not on_gpu:
+        return TileConfig(min(128, max(16, triton.next_power_of_2(rows))), 64, 4, 1)
     if dtype == torch.float32:
         return TileConfig(block_m=16, block_n=32, num_warps=8, num_stages=2)
     block_m = min(64, max(16, triton.next_power_of_2(rows)))
@@ -309,7 +317,7 @@ def tree_attention_triton(
         return out
 
     rows = group * T
-    tiles = tile_config(rows, D, q.dtype)
+    tiles = tile_config(rows, D, q.dtype, on_gpu=q.is_cuda)
     m_tiles = triton.cdiv(rows, tiles.block_m)
     if num_splits is None:
         num_splits = _pick_num_splits(B * Hkv * m_tiles, S, rows, q.device)
