@@ -11,6 +11,7 @@ step in paper mode on a CPU.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from types import SimpleNamespace
 
@@ -60,7 +61,9 @@ TREES = {
 }
 
 
-def test_host_overhead_paper_mode(benchmark):
+def test_host_overhead_paper_mode(benchmark, monkeypatch):
+    # CPU users get the PyTorch references; the Triton interpreter would time numpy instead.
+    monkeypatch.setenv("MSN_KERNELS", "torch")
     benchmark.pedantic(host_ms_per_step, args=(paper_tree(), 100), rounds=3, iterations=1)
 
 
@@ -70,6 +73,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    os.environ.setdefault("MSN_KERNELS", "torch")
     print(f"| tree | host ms/step (median of {args.repeats}) |\n|---|---|")
     for name, tree in TREES.items():
         times = sorted(host_ms_per_step(tree, args.new_tokens) for _ in range(args.repeats))
