@@ -5,8 +5,9 @@ the logits at its parent; the root is always accepted; a negative token ("dead" 
 matches. The chosen node is the deepest accepted one, ties going to the smallest node index.
 
 The Triton path takes two launches and no host synchronisation:
-1. `_argmax_partial_kernel` reads the logits once: grid (B * T, NUM_CHUNKS), each program keeps
-   the max and first index of its vocabulary chunk (one pass, enough programs to fill the GPU);
+1. `_argmax_partial_kernel` reads the logits once: each program keeps the max and first index of
+   one vocabulary chunk of BLOCK_R (row, node) pairs (on a GPU one pair and enough chunks to fill
+   the machine; under the interpreter many pairs per program, which costs less there);
 2. `_verify_walk_kernel`, one program per batch row, merges the chunks into each node's argmax,
    then resolves "all ancestors matched" by pointer jumping (log2 T rounds of gathers done as
    one-hot reductions in registers) and walks the chosen path up to the root.
@@ -40,29 +41,32 @@ class VerifyResult(NamedTuple):
 
 @triton.jit
 def _argmax_partial_kernel(
-    Logits, PartVal, PartIdx, stride_lb, stride_lt, T, V, chunk,
-    NUM_CHUNKS: tl.constexpr, BLOCK_V: tl.constexpr,
+    Logits, PartVal, PartIdx, stride_lb, stride_lt, n_rows, T, V, chunk,
+    NUM_CHUNKS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
-    """Max and first index of one vocabulary chunk of one (row, node)."""
-    row = tl.program_id(0)
+    """Max and first index of one vocabulary chunk for BLOCK_R (row, node) pairs."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # flat b * T + t
+    row_valid = rows < n_rows
     c = tl.program_id(1)
-    base = Logits + (row // T).to(tl.int64) * stride_lb + (row % T).to(tl.int64) * stride_lt
+    base = Logits + (rows // T).to(tl.int64) * stride_lb + (rows % T).to(tl.int64) * stride_lt
     start = c * chunk
     end = tl.minimum(start + chunk, V)
     offs = start + tl.arange(0, BLOCK_V)
+    mask = row_valid[:, None] & (offs < end)[None, :]
     # Seeding from the first tile makes an all -inf chunk report its first index, like argmax.
-    best = tl.load(base + offs, mask=offs < end, other=float("-inf")).to(tl.float32)
-    best_idx = offs
+    best = tl.load(base[:, None] + offs[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+    best_idx = tl.broadcast_to(offs[None, :], [BLOCK_R, BLOCK_V])
     for v0 in range(start + BLOCK_V, end, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
-        x = tl.load(base + offs, mask=offs < end, other=float("-inf")).to(tl.float32)
+        mask = row_valid[:, None] & (offs < end)[None, :]
+        x = tl.load(base[:, None] + offs[None, :], mask=mask, other=float("-inf")).to(tl.float32)
         better = x > best  # strict: each lane keeps its first maximum
         best = tl.where(better, x, best)
-        best_idx = tl.where(better, offs, best_idx)
-    top = tl.max(best, 0)
-    top_idx = tl.min(tl.where(best == top, best_idx, _INT32_MAX), 0)
-    tl.store(PartVal + row * NUM_CHUNKS + c, top)
-    tl.store(PartIdx + row * NUM_CHUNKS + c, top_idx)
+        best_idx = tl.where(better, offs[None, :], best_idx)
+    top = tl.max(best, 1)
+    top_idx = tl.min(tl.where(best == top[:, None], best_idx, _INT32_MAX), 1)
+    tl.store(PartVal + rows * NUM_CHUNKS + c, top, mask=row_valid)
+    tl.store(PartIdx + rows * NUM_CHUNKS + c, top_idx, mask=row_valid)
 
 
 @triton.jit
@@ -222,18 +226,21 @@ def greedy_verify_triton(
     if B == 0:
         return VerifyResult(accept_len, accepted_nodes, next_token)
 
+    n_rows = B * T
     if logits.is_cuda:
+        # One (row, node) per program, enough vocabulary chunks to fill the GPU.
         programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count  # cached
-        wanted = triton.cdiv(programs, B * T)
+        block_r, wanted = 1, triton.cdiv(programs, n_rows)
     else:
-        wanted = 2  # exercise the chunk merge under the interpreter
+        # The interpreter pays per program: many rows each, two chunks to exercise the merge.
+        block_r, wanted = min(64, triton.next_power_of_2(n_rows)), 2
     chunk = triton.cdiv(triton.cdiv(V, wanted), _BLOCK_V) * _BLOCK_V
     num_chunks = triton.cdiv(V, chunk)
-    part_val = torch.empty(B * T, num_chunks, dtype=torch.float32, device=device)
-    part_idx = torch.empty(B * T, num_chunks, dtype=torch.int32, device=device)
-    _argmax_partial_kernel[(B * T, num_chunks)](
-        logits, part_val, part_idx, logits.stride(0), logits.stride(1), T, V, chunk,
-        NUM_CHUNKS=num_chunks, BLOCK_V=_BLOCK_V, num_warps=4,
+    part_val = torch.empty(n_rows, num_chunks, dtype=torch.float32, device=device)
+    part_idx = torch.empty(n_rows, num_chunks, dtype=torch.int32, device=device)
+    _argmax_partial_kernel[(triton.cdiv(n_rows, block_r), num_chunks)](
+        logits, part_val, part_idx, logits.stride(0), logits.stride(1), n_rows, T, V, chunk,
+        NUM_CHUNKS=num_chunks, BLOCK_R=block_r, BLOCK_V=_BLOCK_V, num_warps=4,
     )  # fmt: skip
     t_pad = max(16, triton.next_power_of_2(T))
     _verify_walk_kernel[(B,)](

@@ -90,7 +90,7 @@ def test_msn_kernels_torch_forces_the_reference(monkeypatch: pytest.MonkeyPatch)
     assert not calls
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     layers=st.sampled_from([None, 1, 2]),
     B=st.integers(1, 3),

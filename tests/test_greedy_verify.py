@@ -157,7 +157,7 @@ def verify_inputs(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, list[int
     return logits, tokens, parents
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(verify_inputs())
 def test_random_trees_match_the_oracle(inputs: tuple[torch.Tensor, torch.Tensor, list[int]]):
     logits, tokens, parents = (inputs[0].to(DEVICE), inputs[1].to(DEVICE), inputs[2])

@@ -99,7 +99,7 @@ def _verify_and_compact_configs(full: bool) -> list[Config]:
         Config(
             "msn_kernels.greedy_verify", "_argmax_partial_kernel",
             {"Logits": f"*{dt}", "PartVal": "*fp32", "PartIdx": "*i32"},
-            {"NUM_CHUNKS": 4, "BLOCK_V": 1024},
+            {"NUM_CHUNKS": 4, "BLOCK_R": 1, "BLOCK_V": 1024},
             aligned=("Logits", "PartVal", "PartIdx", "chunk", "stride_lb", "stride_lt"), tag=dt,
         )
         for dt in (("bf16", "fp16", "fp32") if full else ("bf16", "fp32"))
