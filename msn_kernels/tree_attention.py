@@ -61,7 +61,7 @@ def _tree_attention_kernel(
     stride_vb, stride_vh, stride_vs,
     stride_mb, stride_mt,
     stride_ob, stride_oh, stride_ot,
-    qk_scale, T, Hkv,
+    qk_scale, T, S, Hkv,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, FP32_DOT: tl.constexpr,
 ):  # fmt: skip
@@ -84,7 +84,8 @@ def _tree_attention_kernel(
         q = q.to(tl.float32)
     k_base = K + b * stride_kb + kvh.to(tl.int64) * stride_kh + offs_d[None, :]
     v_base = V + b * stride_vb + kvh.to(tl.int64) * stride_vh + offs_d[None, :]
-    cache_len = tl.load(CacheLens + b).to(tl.int32)
+    # Clamped so that unchecked bad lengths (check_lens=False) cannot read outside the cache.
+    cache_len = tl.minimum(tl.maximum(tl.load(CacheLens + b).to(tl.int32), 0), S - T)
 
     # A finite start keeps exp2(m_old - m_new) at 1, not NaN, on tiles a row cannot see at all.
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -310,7 +311,8 @@ def tree_attention_triton(
     q, k_cache, v_cache = (
         t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache)
     )
-    mask = tree_mask.view(torch.uint8)  # bool -> bytes, no copy
+    mask = tree_mask if tree_mask.stride(-1) == 1 else tree_mask.contiguous()
+    mask = mask.view(torch.uint8)  # bool -> bytes, no copy
     stride_mb = mask.stride(0) if mask.dim() == 3 else 0
     out = torch.empty(B, Hq, T, D, dtype=q.dtype, device=q.device)
     if B == 0:
@@ -335,7 +337,7 @@ def tree_attention_triton(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         stride_mb, mask.stride(-2),
         out.stride(0), out.stride(1), out.stride(2),
-        scale * _LOG2E, T, Hkv,
+        scale * _LOG2E, T, S, Hkv,
         GROUP=group, HEAD_DIM=D, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
         NUM_SPLITS=num_splits, FP32_DOT=fp32_dot,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
