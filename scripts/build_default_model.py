@@ -1,7 +1,8 @@
 """Rebuild the embedded default model, `msn/assets/default-model/`, from scratch on a CPU.
 
     python scripts/build_default_model.py                       # the shipped MSN model
-    python scripts/build_default_model.py --no-noise --output runs/plain-twin
+    python scripts/build_default_model.py --no-noise --output runs/plain-twin \
+        --base /tmp/msn-default-model-build/base    # the plain twin, same base and data
     python scripts/build_default_model.py --scale 0.05 --output /tmp/smoke   # quick smoke run
 
 Everything is offline and seeded:
@@ -39,7 +40,7 @@ import tokenizers
 import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import msn.train
 
@@ -77,6 +78,11 @@ def parse_args() -> argparse.Namespace:
     # On a shared 2-core machine one thread measured 2-5x faster per step than two (threads
     # spin-waiting on busy cores); use 2 on an idle machine.
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--base",
+        help="skip pretraining and fine-tune this earlier build's WORKDIR/base, e.g. for the "
+        "--no-noise twin of a build",
+    )
     parser.add_argument(
         "--corpus-only", action="store_true", help="write the corpus JSONL to --workdir and stop"
     )
@@ -278,11 +284,12 @@ a demonstration model, not a useful assistant.
   files; special tokens {special}; chat template `{template}`.
 - **Architecture**: hidden {hidden}, {layers} layers, {heads} heads / {kv_heads} KV heads
   (GQA), MLP {inter}, context {context}, tied embeddings, weights stored in bf16.
-- **Pretraining**: {pretrain_steps} steps of 8 x 256-token windows, AdamW lr 3e-3 cosine;
-  loss {pre_first:.3f} -> {pre_last:.3f} (mean of last 10 steps); held-out loss {pre_heldout:.3f}.
+- **Pretraining**{reused}: {pretrain[steps]} steps of 8 x 256-token windows, AdamW lr 3e-3
+  cosine; loss {pretrain[first_loss]:.3f} -> {pretrain[last10_loss]:.3f} (mean of last 10
+  steps); held-out loss {pretrain[heldout_loss]:.3f}; {pretrain[cpu_seconds]:.0f} s CPU.
 - **Fine-tuning** through `msn train`: {finetune_steps} steps, batch 8, lr 1e-3 cosine,
   {noise}; train loss {ft_loss:.3f}; held-out loss (clean inputs) {ft_heldout:.3f}.
-- **Cost**: {cpu:.0f} s CPU time ({wall:.0f} s wall) on {threads} threads of
+- **Cost** of this build: {cpu:.0f} s CPU time ({wall:.0f} s wall) on {threads} thread(s) of
   {machine}; Python {python}, torch {torch}, transformers {transformers},
   tokenizers {tokenizers}.
 
@@ -313,24 +320,37 @@ def main() -> None:
     if args.corpus_only:
         return
 
-    # 2. Tokenizer.
-    tokenizer = train_tokenizer([read_source(f) for f in corpus["train_files"]])
-    log(f"tokenizer: {len(tokenizer)} tokens")
-
-    # 3. Pretraining from scratch.
-    stream = token_stream(tokenizer, corpus["train_files"])
-    heldout = token_stream(tokenizer, corpus["heldout_paths"])
-    log(f"pretraining stream {len(stream)} tokens, held-out {len(heldout)} tokens")
-    config = model_config(tokenizer)
-    model = LlamaForCausalLM(config)
-    params = sum(p.numel() for p in model.parameters())
-    log(f"model: {params / 1e6:.2f}M parameters")
-    pretrain_steps = max(1, round(args.pretrain_steps * args.scale))
-    pre_losses, pre_heldout = pretrain(model, stream, heldout, pretrain_steps, log)
-    log(f"pretraining done: held-out loss {pre_heldout:.4f}")
-    base = workdir / "base"
-    model.save_pretrained(base)
-    tokenizer.save_pretrained(base)
+    # 2-3. Tokenizer and pretraining from scratch, or an earlier build's base (the twin).
+    if args.base:
+        base = Path(args.base)
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        pretraining = json.loads((base / "pretrain.json").read_text())
+        log(f"using the pretrained base {base}")
+    else:
+        base = workdir / "base"
+        tokenizer = train_tokenizer([read_source(f) for f in corpus["train_files"]])
+        log(f"tokenizer: {len(tokenizer)} tokens")
+        stream = token_stream(tokenizer, corpus["train_files"])
+        heldout = token_stream(tokenizer, corpus["heldout_paths"])
+        log(f"pretraining stream {len(stream)} tokens, held-out {len(heldout)} tokens")
+        model = LlamaForCausalLM(model_config(tokenizer))
+        log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+        steps = max(1, round(args.pretrain_steps * args.scale))
+        losses, pre_heldout = pretrain(model, stream, heldout, steps, log)
+        log(f"pretraining done: held-out loss {pre_heldout:.4f}")
+        pretraining = {
+            "steps": steps,
+            "batch": 8,
+            "block": 256,
+            "lr": 3e-3,
+            "first_loss": losses[0],
+            "last10_loss": sum(losses[-10:]) / len(losses[-10:]),
+            "heldout_loss": pre_heldout,
+            "cpu_seconds": round(time.process_time() - start_cpu, 1),
+        }
+        model.save_pretrained(base)
+        tokenizer.save_pretrained(base)
+        (base / "pretrain.json").write_text(json.dumps(pretraining, indent=2) + "\n")
 
     # 4. Fine-tuning with MSN noise, through the `msn train` code path.
     finetune_steps = max(1, round(args.finetune_steps * args.scale))
@@ -372,16 +392,8 @@ def main() -> None:
             "special_tokens": SPECIAL_TOKENS,
             "chat_template": CHAT_TEMPLATE,
         },
-        "parameters": params,
-        "pretrain": {
-            "steps": pretrain_steps,
-            "batch": 8,
-            "block": 256,
-            "lr": 3e-3,
-            "first_loss": pre_losses[0],
-            "last10_loss": sum(pre_losses[-10:]) / len(pre_losses[-10:]),
-            "heldout_loss": pre_heldout,
-        },
+        "parameters": final.num_parameters(),
+        "pretrain": {**pretraining, "base": str(base), "reused": bool(args.base)},
         "finetune": {
             "steps": finetune_steps,
             "noise": noise,
@@ -400,14 +412,12 @@ def main() -> None:
         },
     }
     (output / "build_info.json").write_text(json.dumps(record, indent=2) + "\n")
+    config = final.config
     (output / "README.md").write_text(
         MODEL_CARD.format(
-            params=params / 1e6,
+            params=record["parameters"] / 1e6,
             seed=args.seed,
-            source=corpus["source"],
-            files=corpus["files"],
-            files_sha256=corpus["files_sha256"],
-            heldout_rule=corpus["heldout_rule"],
+            **{k: corpus[k] for k in ("source", "files", "files_sha256", "heldout_rule")},
             heldout_count=len(corpus["heldout_files"]),
             train_pairs=corpus["train_pairs"],
             heldout_pairs=corpus["heldout_pairs"],
@@ -421,10 +431,8 @@ def main() -> None:
             kv_heads=config.num_key_value_heads,
             inter=config.intermediate_size,
             context=config.max_position_embeddings,
-            pretrain_steps=pretrain_steps,
-            pre_first=pre_losses[0],
-            pre_last=record["pretrain"]["last10_loss"],
-            pre_heldout=pre_heldout,
+            pretrain=pretraining,
+            reused=f" (reused from `{base}`)" if args.base else "",
             finetune_steps=finetune_steps,
             noise=noise,
             ft_loss=summary["train_loss"],
