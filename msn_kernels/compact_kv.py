@@ -6,7 +6,8 @@ and KV head. cache_lens is not changed: the caller advances it by the number of 
 
 Overlap: destination i can be the source of an earlier slot j < i (path [0, 2, 5] reads position
 2 for slot 1 and writes position 2 from slot 2). The kernel therefore gives every (layer, row,
-KV head) to one program, which loads all its accepted sources before storing any destination.
+KV head) to one program, which loads all its accepted sources, then (after a barrier across its
+threads) stores the destinations.
 Moves that would leave the cache (bad lengths or indices) are skipped rather than written out of
 bounds, so no host-side check of the lengths is needed.
 """
@@ -42,9 +43,11 @@ def _compact_kv_kernel(
     v_base = V + layer * stride_vl + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
     k_base += offs_d[None, :]
     v_base += offs_d[None, :]
-    # All loads complete before any store: the stores consume the loaded tiles.
     k = tl.load(k_base + src[:, None] * stride_ks, mask=move[:, None])
     v = tl.load(v_base + src[:, None] * stride_vs, mask=move[:, None])
+    # A thread's store may hit the source row another thread has yet to read: all loads of the
+    # program complete before any store.
+    tl.debug_barrier()
     tl.store(k_base + dst[:, None] * stride_ks, k, mask=move[:, None])
     tl.store(v_base + dst[:, None] * stride_vs, v, mask=move[:, None])
 

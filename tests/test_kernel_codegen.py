@@ -3,8 +3,9 @@
 Each kernel configuration is compiled with `triton.compile(ASTSource(...),
 target=GPUTarget("cuda", cc, 32))` for sm_80 and sm_90, and the `cuobjdump` shipped with Triton
 reads the cubin: no STACK/LOCAL bytes (register spills), dynamic shared memory within the card's
-limit, and tensor-core instructions (HMMA/HGMMA) in the attention kernel. This catches what the
-interpreter cannot: tiles the GPU rejects, bf16 paths, register pressure.
+limit, tensor-core instructions (HMMA/HGMMA) in the attention kernel and the barrier that orders
+compact_kv's loads before its stores. This catches what the interpreter cannot: tiles the GPU
+rejects, bf16 paths, register pressure, races between threads.
 
 Compilation runs in two subprocesses (one per architecture) with the interpreter off, because
 under TRITON_INTERPRET=1 the kernels are interpreter objects that cannot be compiled. By default
@@ -46,6 +47,7 @@ class Config:
     num_warps: int = 4
     num_stages: int = 3
     expect_mma: bool = False
+    expect_barrier: bool = False
     tag: str = field(default="")
 
     @property
@@ -122,7 +124,8 @@ def _verify_and_compact_configs(full: bool) -> list[Config]:
                 "msn_kernels.compact_kv", "_compact_kv_kernel",
                 {"K": f"*{dt}", "V": f"*{dt}", "CacheLens": "*i64", "Accepted": "*i64"},
                 {"HEAD_DIM": d, "BLOCK_M": 16},
-                aligned=("K", "V", "CacheLens", "Accepted", *strides), tag=f"{dt},D={d}",
+                aligned=("K", "V", "CacheLens", "Accepted", *strides), expect_barrier=True,
+                tag=f"{dt},D={d}",
             ))  # fmt: skip
     return configs
 
@@ -154,7 +157,8 @@ def _compile_and_inspect(config: Config, arch: int) -> dict[str, object]:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
         usage = _cuobjdump("--dump-resource-usage", cubin.name)
-        sass = _cuobjdump("--dump-sass", cubin.name) if config.expect_mma else ""
+        wants_sass = config.expect_mma or config.expect_barrier
+        sass = _cuobjdump("--dump-sass", cubin.name) if wants_sass else ""
     line = next(ln for ln in usage.splitlines() if "REG:" in ln)
     fields = dict(item.split(":", 1) for item in line.split() if ":" in item)
     return {
@@ -164,6 +168,7 @@ def _compile_and_inspect(config: Config, arch: int) -> dict[str, object]:
         "local": int(fields["LOCAL"]),
         "shared": int(compiled.metadata.shared),
         "mma": sass.count("HMMA") + sass.count("HGMMA"),
+        "barriers": sass.count("BAR.SYNC"),
     }
 
 
@@ -226,6 +231,8 @@ def test_compiles_without_spills(codegen, arch: int, config: Config) -> None:
     assert record["shared"] <= SHARED_LIMIT[arch], f"shared memory over the limit: {record}"
     if config.expect_mma:
         assert record["mma"] > 0, f"no tensor-core instructions: {record}"
+    if config.expect_barrier:
+        assert record["barriers"] > 0, f"no barrier between loads and stores: {record}"
 
 
 if __name__ == "__main__":
