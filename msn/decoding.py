@@ -341,7 +341,7 @@ class TreeDecoder:
 
         # Jacobi update, read back with the verdict in a single transfer.
         chosen = verdict.accepted_nodes[0].gather(0, verdict.accept_len)  # (1,)
-        follow = self.continuation[chosen[0]]  # (depth,)
+        follow = self.continuation.index_select(0, chosen)[0]  # (depth,), no host sync
         top = logits[0, follow.clamp(min=0)].topk(self.row_size, dim=-1).indices  # (depth, K+1)
         packed = torch.cat(
             [verdict.accept_len, verdict.next_token, verdict.accepted_nodes[0], top.flatten()]
