@@ -79,8 +79,8 @@ def ancestor_mask(parents: list[int], device: torch.device) -> torch.Tensor:
     return mask.to(device)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device) -> float:
-    """Median milliseconds: do_bench on CUDA (flushes L2 between runs), wall clock on CPU."""
+def _median_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """do_bench median on CUDA (warm-up, L2 flushed between runs), wall clock on CPU."""
     if device.type == "cuda":
         import triton.testing
 
@@ -94,26 +94,48 @@ def time_ms(fn: Callable[[], object], device: torch.device) -> float:
     return statistics.median(times) * 1e3
 
 
-def alternating(calls: list[Callable[[], object]]) -> Callable[[], object]:
-    """One callable that cycles over several input sets, so no single set stays cached."""
-    cycle = itertools.cycle(calls)
-    return lambda: next(cycle)()
+def _cuda_graph(fn: Callable[[], object]) -> Callable[[], object]:
+    """Capture fn (after a warm-up on a side stream, which also compiles) and return its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
-def time_ms_or_none(fn: Callable[[], object], device: torch.device) -> float | None:
-    """Like time_ms, but None when a baseline runs out of GPU memory (SDPA's math fallback)."""
+def time_ms(calls: list[Callable[[], object]], device: torch.device, graph: bool = False):
+    """Median ms of one call, cycling over the input sets so no single set stays cached.
+
+    graph=True times CUDA-graph replays: the GPU time without Python and launch overhead, which
+    dominates at batch 1 (a decode loop would capture its step in a graph too). Returns None when
+    a baseline runs out of memory or cannot be captured.
+    """
     try:
-        return time_ms(fn, device)
+        if graph and device.type == "cuda":
+            calls = [_cuda_graph(fn) for fn in calls]
+        cycle = itertools.cycle(calls)
+        return _median_ms(lambda: next(cycle)(), device)
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return None
+    except RuntimeError as error:  # graph capture refused (a host sync inside, for instance)
+        print(f"not timed: {error}", file=sys.stderr)
+        return None
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return None if numerator is None or denominator is None else numerator / denominator
 
 
 def copy_bandwidth_gbs(device: torch.device, nbytes: int) -> float:
     """Device-to-device copy, counting bytes read plus bytes written."""
     src = torch.empty(nbytes // 2, dtype=torch.float16, device=device).normal_()
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device)
+    ms = _median_ms(lambda: dst.copy_(src), device)
     return 2 * nbytes / ms / 1e6
 
 
@@ -133,6 +155,7 @@ def attention_inputs(B, T, prefix, shapes, device, seed):
 
 
 def bench_tree_attention(shapes: Shapes, device: torch.device, copy_gbs: float) -> list[dict]:
+    """GB/s from graph replays; eager times (with launch overhead) alongside."""
     try:
         from flash_attn import flash_attn_with_kvcache
     except ImportError:
@@ -141,34 +164,33 @@ def bench_tree_attention(shapes: Shapes, device: torch.device, copy_gbs: float) 
     for B in shapes.batches:
         for T in shapes.nodes:
             for prefix in shapes.prefixes:
-                kv_bytes = (
-                    2 * B * shapes.kv_heads * (prefix + T) * shapes.head_dim * shapes.dtype.itemsize
-                )
+                kv_elems = 2 * B * shapes.kv_heads * (prefix + T) * shapes.head_dim
+                kv_bytes = kv_elems * shapes.dtype.itemsize
                 n_sets = 2 if kv_bytes < 4 * 2**30 or device.type != "cuda" else 1
                 sets = [attention_inputs(B, T, prefix, shapes, device, s) for s in range(n_sets)]
-                ours = alternating([
-                    lambda s=s: tree_attention(*s[:5], check_lens=False) for s in sets
-                ])  # fmt: skip
-                sdpa = alternating([
+                ours = [lambda s=s: tree_attention(*s[:5], check_lens=False) for s in sets]
+                sdpa = [
                     lambda s=s: F.scaled_dot_product_attention(
                         s[0], s[1], s[2], attn_mask=s[5], enable_gqa=True)
                     for s in sets
-                ])  # fmt: skip
-                row = {"batch": B, "nodes": T, "prefix": prefix, "ours_ms": time_ms(ours, device),
-                       "sdpa_ms": time_ms_or_none(sdpa, device)}  # fmt: skip
+                ]  # fmt: skip
+                row = {"batch": B, "nodes": T, "prefix": prefix,
+                       "ours_ms": time_ms(ours, device, graph=True),
+                       "ours_eager_ms": time_ms(ours, device),
+                       "sdpa_ms": time_ms(sdpa, device, graph=True)}  # fmt: skip
                 row["gbs"] = kv_bytes / row["ours_ms"] / 1e6
                 row["pct_copy"] = 100 * row["gbs"] / copy_gbs
-                if row["sdpa_ms"] is not None:
-                    row["speedup_sdpa"] = row["sdpa_ms"] / row["ours_ms"]
+                row["speedup_sdpa"] = _ratio(row["sdpa_ms"], row["ours_ms"])
                 if flash_attn_with_kvcache is not None and device.type == "cuda":
                     row["flash_attn_ms"] = _time_flash_attn(flash_attn_with_kvcache, sets, device)
+                    row["speedup_flash_attn"] = _ratio(row["flash_attn_ms"], row["ours_ms"])
                 rows.append(row)
-                del sets
+                del sets, ours, sdpa
                 print(json.dumps(row), flush=True)
     return rows
 
 
-def _time_flash_attn(flash_fn: Callable, sets: list, device: torch.device) -> float:
+def _time_flash_attn(flash_fn: Callable, sets: list, device: torch.device) -> float | None:
     """flash-attn's KV-cache kernel over prefix + T, without the tree mask (a lower bound)."""
     flash_sets = []
     for q, k, v, cache_lens, _, _ in sets:
@@ -177,12 +199,12 @@ def _time_flash_attn(flash_fn: Callable, sets: list, device: torch.device) -> fl
                            k.transpose(1, 2).contiguous(),  # (B, S, Hkv, D)
                            v.transpose(1, 2).contiguous(),  # (B, S, Hkv, D)
                            cache_lens + T))  # fmt: skip
-    return time_ms(alternating([
-        lambda f=f: flash_fn(f[0], f[1], f[2], cache_seqlens=f[3]) for f in flash_sets
-    ]), device)  # fmt: skip
+    calls = [lambda f=f: flash_fn(f[0], f[1], f[2], cache_seqlens=f[3]) for f in flash_sets]
+    return time_ms(calls, device, graph=True)
 
 
 def bench_greedy_verify(shapes: Shapes, device: torch.device) -> list[dict]:
+    """Graph replays (GPU time) and eager calls, against argmax and the PyTorch chain."""
     rows = []
     T, V = shapes.verify_nodes, shapes.vocab
     for B in (1, 8) if device.type == "cuda" else shapes.batches:
@@ -193,21 +215,23 @@ def bench_greedy_verify(shapes: Shapes, device: torch.device) -> list[dict]:
             parents = random_parents(T, random.Random(seed))
             tokens = logits.argmax(-1)[:, [max(p, 0) for p in parents]]  # every node matches
             sets.append((logits, tokens, parents))
-        row = {
-            "batch": B, "nodes": T, "vocab": V,
-            "ours_ms": time_ms(alternating([lambda s=s: greedy_verify(*s) for s in sets]), device),
-            "argmax_ms": time_ms(alternating([lambda s=s: s[0].argmax(-1) for s in sets]), device),
-            "chain_ms": time_ms(
-                alternating([lambda s=s: greedy_verify_reference(*s) for s in sets]), device),
-        }  # fmt: skip
-        row["vs_argmax"] = row["ours_ms"] / row["argmax_ms"]
-        row["speedup_chain"] = row["chain_ms"] / row["ours_ms"]
+        ours = [lambda s=s: greedy_verify(*s) for s in sets]
+        argmax = [lambda s=s: s[0].argmax(-1) for s in sets]
+        chain = [lambda s=s: greedy_verify_reference(*s) for s in sets]
+        row = {"batch": B, "nodes": T, "vocab": V}
+        for name, calls in (("ours", ours), ("argmax", argmax), ("chain", chain)):
+            row[f"{name}_ms"] = time_ms(calls, device, graph=True)
+            row[f"{name}_eager_ms"] = time_ms(calls, device)
+        row["vs_argmax"] = _ratio(row["ours_ms"], row["argmax_ms"])
+        row["vs_argmax_eager"] = _ratio(row["ours_eager_ms"], row["argmax_eager_ms"])
+        row["speedup_chain"] = _ratio(row["chain_ms"], row["ours_ms"])
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
 
 
 def bench_compact_kv(shapes: Shapes, device: torch.device) -> list[dict]:
+    """All layers in one launch against the reference (eager: it reads lengths on the host)."""
     rows = []
     T, prefix, D = shapes.verify_nodes, shapes.prefixes[0], shapes.head_dim
     for B in shapes.batches:
@@ -217,12 +241,14 @@ def bench_compact_kv(shapes: Shapes, device: torch.device) -> list[dict]:
         cache_lens = torch.full((B,), prefix, device=device)
         accepted = torch.tensor([[0, 3, 9, 17, 30, -1]] * B, device=device).clamp(max=T - 1)
         args = (k, v, cache_lens, accepted)
+        ours = [functools.partial(compact_kv, *args)]
         row = {
             "batch": B, "layers": shapes.layers,
-            "ours_ms": time_ms(functools.partial(compact_kv, *args), device),
-            "reference_ms": time_ms(functools.partial(compact_kv_reference, *args), device),
+            "ours_ms": time_ms(ours, device, graph=True),
+            "ours_eager_ms": time_ms(ours, device),
+            "reference_ms": time_ms([functools.partial(compact_kv_reference, *args)], device),
         }  # fmt: skip
-        row["speedup_reference"] = row["reference_ms"] / row["ours_ms"]
+        row["speedup_reference"] = _ratio(row["reference_ms"], row["ours_eager_ms"])
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -232,7 +258,7 @@ def _markdown_table(rows: list[dict]) -> str:
     if not rows:
         return "(no rows)\n"
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    fmt = lambda x: f"{x:.3g}" if isinstance(x, float) else str(x)
+    fmt = lambda x: f"{x:.3g}" if isinstance(x, float) else ("-" if x is None else str(x))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
