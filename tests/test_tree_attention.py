@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from msn_kernels import tree_attention, tree_attention_reference
+from msn_kernels.dispatch import use_triton
 
 # The package re-exports the function under the module's name, so fetch the module itself.
 ta = importlib.import_module("msn_kernels.tree_attention")
@@ -155,6 +156,20 @@ def test_msn_kernels_torch_forces_the_reference(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.delenv("MSN_KERNELS")
     tree_attention(q, k, v, cache_lens, mask)
     assert len(calls) == 1
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="CPU dispatch rules")
+@pytest.mark.parametrize(
+    ("msn_kernels", "interpret", "triton_expected"),
+    [("", "1", True), ("", "0", False), ("torch", "1", False), ("triton", "1", True)],
+)
+def test_cpu_dispatch_reads_the_environment_at_call_time(
+    monkeypatch: pytest.MonkeyPatch, msn_kernels: str, interpret: str, triton_expected: bool
+) -> None:
+    """On CPU, Triton runs under TRITON_INTERPRET=1 (conftest set it before the import)."""
+    monkeypatch.setenv("MSN_KERNELS", msn_kernels)
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    assert use_triton(ta._tree_attention_kernel, torch.device("cpu")) is triton_expected
 
 
 def test_custom_scale_strided_inputs_and_empty_prefix(poison_empty) -> None:
