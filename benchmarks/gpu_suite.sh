@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One call on a CUDA machine gives every kernel number:
 #   1. the test suite on CUDA with the Triton interpreter off (the kernel tests then run the
-#      compiled kernels on GPU tensors), plus the full codegen sweep (MSN_CODEGEN_FULL=1);
+#      compiled kernels on GPU tensors); MSN_CODEGEN_FULL=1 adds the full codegen sweep (slow);
 #   2. the kernel benchmarks (benchmarks/bench_kernels.py: tables, JSON, PNG);
-#   3. a summary table in $OUT/gpu_suite.md with the card, commit and commands.
+#   3. every pytest-benchmark benchmark in benchmarks/ with timing enabled (JSON);
+#   4. a summary table in $OUT/gpu_suite.md with the card, commit and commands.
 # Usage: bash benchmarks/gpu_suite.sh [OUT_DIR]   (default benchmarks/results)
 set -uo pipefail
 
@@ -23,13 +24,19 @@ commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 
 tests_cmd="python -m pytest tests -q -p no:cacheprovider"
 echo "== $tests_cmd"
-MSN_CODEGEN_FULL=1 $tests_cmd 2>&1 | tee "$OUT/tests.log"
+export MSN_CODEGEN_FULL="${MSN_CODEGEN_FULL:-0}"
+$tests_cmd 2>&1 | tee "$OUT/tests.log"
 tests_status=${PIPESTATUS[0]}
 
 bench_cmd="python benchmarks/bench_kernels.py --out $OUT"
 echo "== $bench_cmd"
 $bench_cmd 2>&1 | tee "$OUT/bench_kernels.log"
 bench_status=${PIPESTATUS[0]}
+
+pybench_cmd="python -m pytest benchmarks -q -p no:cacheprovider --benchmark-enable --benchmark-json $OUT/pytest_benchmarks.json"
+echo "== $pybench_cmd"
+$pybench_cmd 2>&1 | tee "$OUT/pytest_benchmarks.log"
+pybench_status=${PIPESTATUS[0]}
 
 {
     echo "# GPU suite"
@@ -39,8 +46,9 @@ bench_status=${PIPESTATUS[0]}
     echo "| card | $card |"
     echo "| commit | $commit |"
     echo "| date | $(date -u +%Y-%m-%dT%H:%MZ) |"
-    echo "| tests | \`MSN_CODEGEN_FULL=1 TRITON_INTERPRET=0 $tests_cmd\`: $(tail -1 "$OUT/tests.log") (exit $tests_status) |"
-    echo "| benchmarks | \`$bench_cmd\` (exit $bench_status) |"
+    echo "| tests | \`MSN_CODEGEN_FULL=$MSN_CODEGEN_FULL TRITON_INTERPRET=0 $tests_cmd\`: $(tail -1 "$OUT/tests.log") (exit $tests_status) |"
+    echo "| kernel benchmarks | \`$bench_cmd\` (exit $bench_status) |"
+    echo "| pytest benchmarks | \`$pybench_cmd\`: $(tail -1 "$OUT/pytest_benchmarks.log") (exit $pybench_status) |"
     echo
     if [ -f "$OUT/kernels.md" ]; then
         sed 's/^# /## /' "$OUT/kernels.md"
@@ -50,4 +58,4 @@ bench_status=${PIPESTATUS[0]}
 } > "$OUT/gpu_suite.md"
 
 echo "wrote $OUT/gpu_suite.md"
-exit $(( tests_status != 0 || bench_status != 0 ))
+exit $(( tests_status != 0 || bench_status != 0 || pybench_status != 0 ))

@@ -10,8 +10,8 @@ rejects, bf16 paths, register pressure, races between threads.
 Compilation runs in two subprocesses (one per architecture) with the interpreter off, because
 under TRITON_INTERPRET=1 the kernels are interpreter objects that cannot be compiled. By default
 a representative set of configurations is compiled (largest and smallest tiles of every kernel,
-both split modes, every dtype); MSN_CODEGEN_FULL=1 compiles all of them (benchmarks/gpu_suite.sh
-does).
+both split modes, every dtype); MSN_CODEGEN_FULL=1 compiles all of them (about 200
+compilations).
 
 Run directly: `python tests/test_kernel_codegen.py --arch 90 [--full]` prints one JSON line per
 configuration.
