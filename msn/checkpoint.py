@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from msn.config import ModelConfig
 from msn.model import Transformer
@@ -88,7 +88,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if local.exists():
         raise ValueError(f"{local} is a file; pass the checkpoint directory that contains it.")
     name = str(path)
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+    looks_local = Path(name.split("/")[0]).exists() or name.startswith((".", "/", "~"))
+    if looks_local or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         raise FileNotFoundError(
             f"no checkpoint directory at {local}; pass a local Hugging Face checkpoint directory "
             "(config.json plus model*.safetensors) or a hub id such as "
@@ -115,9 +116,16 @@ def _download_from_hub(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_FILE_PATTERNS))
     except Exception as error:  # offline, unknown repo, gated access: all end the same way
         raise FileNotFoundError(
-            f"could not fetch {repo_id!r} from the Hugging Face hub ({type(error).__name__}: "
-            f"{error}); {how_to}"
+            f"{repo_id!r} is not a local directory, and could not be fetched as a hub id from "
+            f"the Hugging Face hub ({type(error).__name__}: {error}); {how_to}"
         ) from error
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); re-download it.") from error
 
 
 def load_config(checkpoint: Path) -> ModelConfig:
@@ -131,7 +139,7 @@ def load_config(checkpoint: Path) -> ModelConfig:
     config = ModelConfig.from_json(config_path)
     generation_path = checkpoint / "generation_config.json"
     if generation_path.is_file():
-        generation = json.loads(generation_path.read_text(encoding="utf-8"))
+        generation = _read_json(generation_path)
         extra = generation.get("eos_token_id")
         extra = [extra] if isinstance(extra, int) else list(extra or [])
         merged = tuple(dict.fromkeys([*config.eos_token_ids, *extra]))
@@ -144,7 +152,7 @@ def safetensors_files(checkpoint: Path) -> dict[str, Path]:
     index_path = checkpoint / "model.safetensors.index.json"
     single = checkpoint / "model.safetensors"
     if index_path.is_file():
-        weight_map = json.loads(index_path.read_text(encoding="utf-8")).get("weight_map", {})
+        weight_map = _read_json(index_path).get("weight_map", {})
         files = {name: checkpoint / shard for name, shard in weight_map.items()}
         missing = sorted({str(f.name) for f in files.values() if not f.is_file()})
         if missing:
@@ -178,13 +186,14 @@ def load_model(
     """Build the slim model for a checkpoint directory (or hub id) and load its weights.
 
     The model is built on the meta device and the loaded tensors are assigned to it, so the
-    weights exist once in memory. `dtype` follows the checkpoint when None. `max_seq_len`
-    sizes the KV cache (default: the model's context), which is set up for one row.
+    weights exist once in memory. `dtype` follows the checkpoint when None. `max_seq_len` is
+    the longest sequence (prompt + output) to handle, the model's context by default; the KV
+    cache is allocated on demand for what a call needs, up to it.
     """
     checkpoint = resolve_checkpoint(path)
     config = load_config(checkpoint)
     dtype = resolve_dtype(dtype, config)
-    device = torch.device(device)
+    device = resolve_device(device)
     files = safetensors_files(checkpoint)
 
     with torch.device("meta"):
@@ -195,6 +204,8 @@ def load_model(
     try:
         for hf_name, file in files.items():
             target = hf_to_msn_name(hf_name)
+            if target == "lm_head.weight" and config.tie_word_embeddings:
+                continue  # tied to the embeddings; some exporters store the copy anyway
             if target is None:
                 if not IGNORED_TENSORS.fullmatch(hf_name):
                     problems.append(f"unexpected tensor {hf_name}")
@@ -205,7 +216,11 @@ def load_model(
             seen.add(target)
             if file not in handles:
                 handles[file] = safe_open(file, framework="pt", device=str(device))
-            tensor = handles[file].get_tensor(hf_name)
+            try:
+                tensor = handles[file].get_tensor(hf_name)
+            except SafetensorError as error:
+                problems.append(f"tensor {hf_name} cannot be read from {file.name}: {error}")
+                continue
             if tuple(tensor.shape) != tuple(expected[target]):
                 problems.append(
                     f"tensor {hf_name} has shape {tuple(tensor.shape)}, "
@@ -215,9 +230,6 @@ def load_model(
             state[target] = tensor.to(dtype)
     finally:
         handles.clear()
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-        expected.pop("lm_head.weight", None)
     problems += [f"missing tensor {msn_to_hf_name(name)}" for name in expected if name not in seen]
     if problems:
         raise ValueError(
@@ -228,8 +240,21 @@ def load_model(
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.eval().requires_grad_(False)
-    model.setup_cache(batch_size=1, max_seq_len=max_seq_len or config.max_position_embeddings)
+    model.max_seq_len = max_seq_len or config.max_position_embeddings
     return model
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"unknown device {device!r}: {error}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {str(device)!r} asked for, but this PyTorch build sees no CUDA GPU; use "
+            "device 'cpu' (--device cpu) or install a CUDA build of PyTorch."
+        )
+    return device
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, config: ModelConfig) -> torch.dtype:

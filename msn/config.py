@@ -44,21 +44,6 @@ class ModelConfig:
     rope: RopeConfig = field(default_factory=RopeConfig)
     torch_dtype: str | None = None
 
-    @property
-    def num_parameters(self) -> int:
-        """Parameter count of the weights (tied embeddings counted once)."""
-        h, d = self.hidden_size, self.head_dim
-        q_out, kv_out = self.num_heads * d, self.num_kv_heads * d
-        attention = h * q_out + 2 * h * kv_out + q_out * h
-        if self.attention_bias:
-            attention += q_out + 2 * kv_out + h
-        mlp = 3 * h * self.intermediate_size
-        if self.mlp_bias:
-            mlp += 2 * self.intermediate_size + h
-        per_layer = attention + mlp + 2 * h
-        embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * per_layer + embeddings + h
-
     def kv_cache_bytes_per_token(self, dtype_bytes: int) -> int:
         """Bytes of keys and values stored per token and batch row, all layers together."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
@@ -113,6 +98,12 @@ class ModelConfig:
                 f"num_key_value_heads={num_kv_heads}."
             )
         head_dim = raw.get("head_dim") or hidden_size // num_heads
+        activation = raw.get("hidden_act", "silu")
+        if activation != "silu":
+            raise ValueError(
+                f"{source}: unsupported activation: hidden_act={activation!r}; msn's MLP is "
+                "SwiGLU with 'silu', as in Llama and DeepSeek-Coder."
+            )
         max_positions = int(raw.get("max_position_embeddings", 2048))
         return cls(
             vocab_size=int(raw["vocab_size"]),
@@ -158,7 +149,9 @@ def _read_rope(raw: dict[str, Any], max_positions: int, source: str) -> RopeConf
     if rope_type != "default" and factor <= 0:
         raise ValueError(f"{source}: rope scaling factor must be positive, got {factor}.")
     original = params.get("original_max_position_embeddings")
-    if rope_type == "dynamic" and original is None:
+    if rope_type == "dynamic":
+        # transformers' dynamic NTK scaling grows from max_position_embeddings, whatever the
+        # rope settings say.
         original = max_positions
     if rope_type == "llama3" and original is None:
         raise ValueError(

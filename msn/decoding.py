@@ -20,7 +20,7 @@ import random
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -44,7 +44,6 @@ class GenerationResult:
     decode_seconds: float
     stop_reason: str  # "eos", "max_new_tokens" or "context"
     method: str = ""
-    extra: dict = field(default_factory=dict)
 
     @property
     def total_seconds(self) -> float:
@@ -86,6 +85,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@torch.no_grad()
 def generate(
     model,
     input_ids: Tensor | Sequence[int],
@@ -125,7 +125,10 @@ def generate(
 
     device = model.device
     start = time.perf_counter()
-    model.setup_cache(batch_size=1, max_seq_len=limit)
+    # The cache covers what this call can need: the prompt, the output and one tree.
+    tree_size = 1 if decoder_tree is None else decoder_tree.num_nodes
+    capacity = min(limit, prompt.shape[1] + max_new_tokens + tree_size)
+    model.setup_cache(1, capacity)
     logits = model(prompt.to(device), last_only=True)
     first = int(logits[0, -1].argmax())
     _sync(device)
@@ -145,7 +148,7 @@ def generate(
                 if len(output) > limit:
                     stopper.reason = "context"
                     break
-                chunk = decoder.step() if decoder.fits(limit) else decoder.greedy_step()
+                chunk = decoder.step() if decoder.fits(capacity) else decoder.greedy_step()
                 emitted = stopper.cut(chunk)
                 accept_lengths.append(len(emitted))
                 _emit(emitted, output, streamer)
@@ -198,12 +201,15 @@ def _prompt_tensor(input_ids: Tensor | Sequence[int]) -> Tensor:
     return prompt
 
 
-def _eos_ids(model, eos_token_id: int | Sequence[int] | None) -> tuple[int, ...]:
+def _eos_ids(model, eos_token_id: int | Sequence[int] | Tensor | None) -> tuple[int, ...]:
     if eos_token_id is None:
         return tuple(model.config.eos_token_ids)
-    if isinstance(eos_token_id, int):
-        return (eos_token_id,)
-    return tuple(int(t) for t in eos_token_id)
+    try:
+        return tuple(int(t) for t in torch.as_tensor(eos_token_id).flatten().tolist())
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(
+            f"eos_token_id must be an int, a list of ints or None, got {eos_token_id!r}."
+        ) from error
 
 
 def _tree_for(method: str, tree: TreeSpec | str | None, retrieval: bool) -> TreeSpec | None:
@@ -211,7 +217,12 @@ def _tree_for(method: str, tree: TreeSpec | str | None, retrieval: bool) -> Tree
     if method == "greedy":
         return None
     if method == "jacobi":
-        return tree if isinstance(tree, TreeSpec) else chain_tree(JACOBI_DEPTH)
+        if tree is not None:
+            raise ValueError(
+                "method='jacobi' decodes one chain of guesses; for another tree use "
+                "method='tr-jacobi' with tree=... (and retrieval=False for no retrieval)."
+            )
+        return chain_tree(JACOBI_DEPTH)
     if isinstance(tree, str):
         from msn.tree import parse_tree
 
@@ -283,8 +294,9 @@ class TreeDecoder:
             n for n, d, _ in self._jacobi_nodes if d == 0 and n not in has_child
         ]
 
-    def fits(self, limit: int) -> bool:
-        return self.cache_len + self.tree.num_nodes <= limit
+    def fits(self, capacity: int) -> bool:
+        """Whether a whole tree still fits in the cache after the prefix."""
+        return self.cache_len + self.tree.num_nodes <= capacity
 
     def extend_retrieval(self, chunk: list[int]) -> None:
         if self.index is not None:

@@ -58,6 +58,21 @@ def rope_inverse_frequencies(rope: RopeConfig, head_dim: int, seq_len: int = 0) 
     return inv_freq
 
 
+def dynamic_inverse_frequencies(rope: RopeConfig, head_dim: int, seq_lens: Tensor) -> Tensor:
+    """Dynamic NTK frequencies [..., head_dim // 2] for each token's own sequence length.
+
+    Greedy decoding computes a token's keys when the sequence is `position + 1` long; a tree
+    pass must rotate each node as greedy would have, not with the base of the deepest node.
+    """
+    original = rope.original_max_position_embeddings
+    seq = seq_lens.double().clamp(min=original)
+    base = rope.theta * (rope.factor * seq / original - (rope.factor - 1)) ** (
+        head_dim / (head_dim - 2)
+    )
+    exponents = torch.arange(0, head_dim, 2, device=seq_lens.device).double() / head_dim
+    return (1.0 / base[..., None] ** exponents).float()
+
+
 def _llama3_scaled(inv_freq: Tensor, rope: RopeConfig) -> Tensor:
     """Llama 3.1 scaling: long wavelengths slowed by `factor`, short ones kept, a smooth band."""
     original = rope.original_max_position_embeddings
@@ -151,6 +166,7 @@ class Attention(nn.Module):
                 cache.v[self.layer_index, :batch],
                 cache_lens,
                 tree_mask,
+                check_lens=False,  # Transformer.forward checked the bound once for all layers
             )
         out = out.transpose(1, 2).reshape(batch, steps, self.num_heads * self.head_dim)
         return self.o_proj(out)
@@ -205,7 +221,9 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.cache: KVCache | None = None
-        self._inv_freq: Tensor | None = None
+        self._inv_freq: dict[torch.device, Tensor] = {}
+        # The longest sequence (prompt + output) to handle; the cache grows up to it on demand.
+        self.max_seq_len = config.max_position_embeddings
 
     @property
     def device(self) -> torch.device:
@@ -215,16 +233,12 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
 
-    @property
-    def max_seq_len(self) -> int:
-        """The longest sequence the model handles: its cache when set up, else its context."""
-        if self.cache is not None:
-            return self.cache.max_seq_len
-        return self.config.max_position_embeddings
-
     def setup_cache(self, batch_size: int = 1, max_seq_len: int | None = None) -> KVCache:
-        """Preallocate the KV cache (reused when it is already large enough)."""
-        max_seq_len = max_seq_len or self.config.max_position_embeddings
+        """Allocate the KV cache for `max_seq_len` positions (default: `self.max_seq_len`).
+
+        An existing cache at least that large is reused; its contents are not cleared.
+        """
+        max_seq_len = max_seq_len or self.max_seq_len
         cache = self.cache
         if (
             cache is None
@@ -252,17 +266,23 @@ class Transformer(nn.Module):
         """
         compact_kv(self.cache.k, self.cache.v, cache_lens, accepted_nodes)
 
-    def rotary(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """cos, sin [B, T, D] in fp32 for integer positions [B, T]."""
-        rope = self.config.rope
-        if rope.type == "dynamic":
+    def rotary(self, positions: Tensor, cached: bool) -> tuple[Tensor, Tensor]:
+        """cos, sin [B, T, D] in fp32 for integer positions [B, T].
+
+        Dynamic NTK scaling depends on the sequence length: a prefill uses its own length for
+        every token (as transformers does), a cached call each token's position + 1.
+        """
+        rope, head_dim = self.config.rope, self.config.head_dim
+        if rope.type == "dynamic" and cached:
+            inv_freq = dynamic_inverse_frequencies(rope, head_dim, positions + 1)  # (B, T, D/2)
+        elif rope.type == "dynamic":
             seq_len = int(positions.max()) + 1
-            inv_freq = rope_inverse_frequencies(rope, self.config.head_dim, seq_len)
+            inv_freq = rope_inverse_frequencies(rope, head_dim, seq_len).to(positions.device)
         else:
-            if self._inv_freq is None:
-                self._inv_freq = rope_inverse_frequencies(rope, self.config.head_dim)
-            inv_freq = self._inv_freq
-        inv_freq = inv_freq.to(positions.device)
+            inv_freq = self._inv_freq.get(positions.device)
+            if inv_freq is None:
+                inv_freq = rope_inverse_frequencies(rope, head_dim).to(positions.device)
+                self._inv_freq[positions.device] = inv_freq
         freqs = positions.float()[..., None] * inv_freq  # (B, T, D/2)
         angles = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
         return angles.cos(), angles.sin()
@@ -285,10 +305,11 @@ class Transformer(nn.Module):
         if cache_lens is None:
             if positions is not None or tree_mask is not None:
                 raise ValueError("positions and tree_mask need cache_lens (the prefix lengths).")
-            if steps > self.config.max_position_embeddings and self.config.rope.type != "dynamic":
+            if steps > self.max_seq_len:
                 raise ValueError(
-                    f"{steps} tokens exceed the model's context of "
-                    f"{self.config.max_position_embeddings} positions."
+                    f"{steps} tokens exceed the model's maximum sequence length of "
+                    f"{self.max_seq_len} (its context unless load_model(max_seq_len=...) "
+                    "set another)."
                 )
             positions = torch.arange(steps, device=tokens.device).expand(batch, steps)
             cache = self.cache if self._cache_fits(batch, steps) else None
@@ -310,7 +331,7 @@ class Transformer(nn.Module):
             if tree_mask is None:
                 tree_mask = torch.ones(steps, steps, dtype=torch.bool, device=tokens.device).tril()
 
-        cos, sin = self.rotary(positions)
+        cos, sin = self.rotary(positions, cached=cache_lens is not None)
         x = self.embed_tokens(tokens)
         for layer in self.layers:
             x = layer(x, cos, sin, cache, cache_lens, tree_mask)

@@ -24,11 +24,11 @@ from tqdm import tqdm
 
 import msn
 from msn.data import IGNORE_INDEX, load_examples, read_jsonl, tokenize_example
-from msn.tree import chain_tree, comb_tree, paper_tree
+from msn.tree import comb_tree, paper_tree
 
 DECODERS = {
     "greedy": dict(method="greedy"),
-    "chain Jacobi (5 deep)": dict(method="jacobi", tree=chain_tree(5)),
+    "chain Jacobi (5 deep)": dict(method="jacobi"),
     "Jacobi, top-10 first level": dict(method="tr-jacobi", tree=comb_tree([10, 1, 1, 1, 1])),
     "paper tree, no retrieval": dict(method="tr-jacobi", tree=paper_tree(retrieval=False)),
     "paper tree (TR-Jacobi)": dict(method="tr-jacobi", tree=paper_tree()),

@@ -36,13 +36,56 @@ def test_weight_map_names():
 def test_requested_dtype(checkpoint, dtype):
     model = msn.load_model(checkpoint, dtype=dtype)
     assert all(p.dtype == dtype for p in model.parameters())
-    assert model.cache.k.dtype == dtype
+    assert model.setup_cache(1, 8).k.dtype == dtype
 
 
-def test_weights_are_assigned_not_copied(checkpoint):
-    model = msn.load_model(checkpoint)
+def test_weights_load_and_the_cache_grows_on_demand(checkpoint):
+    model = msn.load_model(checkpoint, max_seq_len=200)
     assert not any(p.is_meta for p in model.parameters())
-    assert model.cache.k.shape == (2, 1, 2, 256, 16)  # (layers, B, Hkv, S, D)
+    assert model.cache is None and model.max_seq_len == 200
+    msn.generate(model, [3, 4, 5], max_new_tokens=10, method="tr-jacobi")
+    assert model.cache.k.shape == (2, 1, 2, 3 + 10 + 69, 16)  # (layers, B, Hkv, S, D)
+
+
+def test_tied_checkpoint_with_a_stored_lm_head_copy(tmp_path):
+    save_tiny_llama(tmp_path, tie_word_embeddings=True)
+    tensors = load_file(tmp_path / "model.safetensors")
+    assert "lm_head.weight" not in tensors
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    model = msn.load_model(tmp_path)
+    assert model.lm_head.weight is model.embed_tokens.weight
+
+
+def test_unsupported_head_class(checkpoint):
+    edit_config(checkpoint, architectures=["LlamaForSequenceClassification"])
+    with pytest.raises(ValueError, match="LlamaForSequenceClassification"):
+        msn.load_model(checkpoint)
+
+
+def test_unsupported_activation(checkpoint):
+    edit_config(checkpoint, hidden_act="gelu")
+    with pytest.raises(ValueError, match="unsupported activation: hidden_act='gelu'"):
+        msn.load_model(checkpoint)
+
+
+def test_cuda_asked_without_a_gpu(checkpoint):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match="sees no CUDA GPU"):
+        msn.load_model(checkpoint, device="cuda")
+
+
+def test_corrupt_generation_config(checkpoint):
+    (checkpoint / "generation_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="generation_config.json is not valid JSON"):
+        msn.load_model(checkpoint)
+
+
+def test_mistyped_relative_path_is_not_sent_to_the_hub(checkpoint, monkeypatch):
+    monkeypatch.chdir(checkpoint.parent)
+    with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
+        msn.load_model(f"{checkpoint.name}/typo")
 
 
 def test_eos_ids_merge_generation_config(checkpoint):
@@ -110,12 +153,16 @@ def test_tensor_problems_reported_together(checkpoint):
     assert "unexpected tensor model.layers.0.block_sparse_moe.gate.weight" in message
 
 
-def test_hub_id_offline_says_what_to_download(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError, match="huggingface-cli download DecoderImmortal/"):
+def test_hub_id_offline_says_what_to_download(monkeypatch):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("offline mode, not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(FileNotFoundError, match="huggingface-cli download DecoderImmortal/") as e:
         msn.load_model("DecoderImmortal/Llama3-8B-MSN")
+    assert "could not be fetched" in str(e.value) and "LocalEntryNotFoundError" in str(e.value)
 
 
 def test_bad_dtype(checkpoint):

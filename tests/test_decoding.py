@@ -1,5 +1,7 @@
 """Decoders: lossless against greedy (and greedy against transformers), exact step counts."""
 
+import json
+
 import pytest
 import torch
 from conftest import save_tiny_llama
@@ -63,6 +65,34 @@ def test_eos_from_the_checkpoint_and_from_a_list(tiny_fp64):
         assert result.stop_reason == "eos"
 
 
+def test_eos_list_from_the_checkpoint(tmp_path):
+    save_tiny_llama(tmp_path)
+    model = msn.load_model(tmp_path, dtype=torch.float64)
+    prompt = [5, 9, 11, 5, 9]
+    free = msn.generate(model, prompt, 30, method="greedy", eos_token_id=[])
+    new = free.output_ids[0, len(prompt) :].tolist()
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["eos_token_id"] = [999, new[7]]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = msn.load_model(tmp_path, dtype=torch.float64)
+    for method in ("greedy", "tr-jacobi"):
+        result = msn.generate(model, prompt, 30, method=method)  # the checkpoint's EOS ids
+        assert result.output_ids[0, len(prompt) :].tolist() == new[: new.index(new[7]) + 1]
+        assert result.stop_reason == "eos"
+    tensor_eos = msn.generate(model, prompt, 30, method="jacobi", eos_token_id=torch.tensor(new[7]))
+    assert tensor_eos.stop_reason == "eos"
+
+
+def test_generate_leaves_no_autograd_history(tiny_fp64):
+    model, _ = tiny_fp64
+    model.requires_grad_(True)
+    try:
+        msn.generate(model, [3, 4, 5], 10, method="tr-jacobi")
+        assert not model.cache.k.requires_grad and model.cache.k.grad_fn is None
+    finally:
+        model.requires_grad_(False)
+
+
 def test_prompt_filling_the_context_decodes_greedily_to_the_end(tiny_fp64):
     model, _ = tiny_fp64
     limit = model.max_seq_len
@@ -93,6 +123,10 @@ def test_bad_arguments():
         msn.generate(model, torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="input_ids is empty"):
         msn.generate(model, [])
+    with pytest.raises(ValueError, match="method='jacobi' decodes one chain"):
+        msn.generate(model, PROMPT, method="jacobi", tree=chain_tree(3))
+    with pytest.raises(ValueError, match="eos_token_id must be"):
+        msn.generate(model, PROMPT, eos_token_id="</s>")
 
 
 # -- exact step counts with scripted models ------------------------------------------------

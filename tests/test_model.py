@@ -51,7 +51,7 @@ def rewrite_config(path, **changes):
 )
 def test_logits_match_transformers_fp32(tmp_path, overrides):
     reference = save_tiny_llama(tmp_path, **overrides)
-    model = msn.load_model(tmp_path)
+    model = msn.load_model(tmp_path, max_seq_len=64)  # dynamic rope runs past its context
     tokens = torch.randint(0, 320, (2, 48))
     with torch.no_grad():
         expected = reference(tokens).logits
@@ -150,6 +150,7 @@ def test_tree_pass_matches_causal_pass_per_path(tmp_path):
     prefix = torch.randint(0, 320, (1, 10), generator=generator)
     tree_tokens = torch.randint(0, 320, (1, size), generator=generator)
 
+    model.setup_cache(1, 64)
     model(prefix)
     prefix_len = torch.tensor([10])
     tree_logits = model(
@@ -168,7 +169,74 @@ def test_tree_pass_matches_causal_pass_per_path(tmp_path):
 def test_model_call_without_cache_and_too_long_input(tmp_path):
     save_tiny_llama(tmp_path, max_position_embeddings=32)
     model = msn.load_model(tmp_path)
-    with pytest.raises(ValueError, match="exceed the model's context of 32"):
+    with pytest.raises(ValueError, match="exceed the model's maximum sequence length of 32"):
         model(torch.zeros(1, 33, dtype=torch.long))
+    with pytest.raises(ValueError, match="needs a KV cache"):
+        model(torch.zeros(1, 4, dtype=torch.long), cache_lens=torch.tensor([3]))
+    model.setup_cache(1, 32)
     with pytest.raises(ValueError, match="does not fit"):
         model(torch.zeros(1, 4, dtype=torch.long), cache_lens=torch.tensor([30]))
+
+
+def test_llama3_rope_with_4x_keys(tmp_path):
+    reference = save_tiny_llama(tmp_path, **LLAMA31)
+    rewrite_config(
+        tmp_path,
+        rope_parameters=None,
+        rope_theta=500000.0,
+        rope_scaling={**LLAMA31["rope_scaling"]},
+    )
+    model = msn.load_model(tmp_path)
+    assert model.config.rope.type == "llama3" and model.config.rope.theta == 500000.0
+    tokens = torch.randint(0, 320, (1, 100))
+    with torch.no_grad():
+        expected = reference(tokens).logits
+    assert relative_error(model(tokens), expected) < 1e-4
+
+
+def test_ragged_rows_in_one_cached_call(tmp_path):
+    """Rows of one batch at different prefix lengths each match their own full pass."""
+    save_tiny_llama(tmp_path, **LLAMA3)
+    model = msn.load_model(tmp_path, dtype=torch.float64)
+    tokens = torch.randint(0, 320, (2, 20))
+    full = model(tokens)
+    model.setup_cache(2, 32)
+    model(tokens[:, :16])
+    lens = torch.tensor([9, 14])
+    step = torch.stack([tokens[0, 9:12], tokens[1, 14:17]])
+    logits = model(step, cache_lens=lens)
+    assert torch.allclose(logits[0], full[0, 9:12], rtol=0, atol=1e-10)
+    assert torch.allclose(logits[1], full[1, 14:17], rtol=0, atol=1e-10)
+
+
+def test_dynamic_rope_tree_pass_rotates_like_greedy(tmp_path):
+    """Past the original context, each tree node uses its own position's dynamic base."""
+    save_tiny_llama(tmp_path, **DYNAMIC)
+    model = msn.load_model(tmp_path, dtype=torch.float64, max_seq_len=96)
+    prompt = torch.randint(2, 320, (1, 40))
+    greedy = msn.generate(model, prompt, 30, method="greedy", eos_token_id=[])
+    for method in ("jacobi", "tr-jacobi"):
+        result = msn.generate(model, prompt, 30, method=method, eos_token_id=[])
+        assert torch.equal(result.output_ids, greedy.output_ids), method
+
+
+def test_cached_call_reads_the_host_at_most_once(tmp_path):
+    """One bounds check per forward, not one per layer (each is a GPU sync on CUDA)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountItems(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                CountItems.count += 1
+            return func(*args, **(kwargs or {}))
+
+    save_tiny_llama(tmp_path, **LLAMA3, num_hidden_layers=4)
+    model = msn.load_model(tmp_path, max_seq_len=64)
+    model.setup_cache(1, 64)
+    model(torch.randint(0, 320, (1, 8)))
+    mask = torch.ones(5, 5, dtype=torch.bool).tril()
+    with CountItems():
+        model(torch.randint(0, 320, (1, 5)), cache_lens=torch.tensor([8]), tree_mask=mask)
+    assert CountItems.count <= 1
