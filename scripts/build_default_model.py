@@ -293,8 +293,8 @@ a demonstration model, not a useful assistant.
   {machine}; Python {python}, torch {torch}, transformers {transformers},
   tokenizers {tokenizers}.
 
-Usage: `msn generate "def fib(n):"`, or load the directory with
-`transformers.AutoModelForCausalLM.from_pretrained` / `msn.load_model`.
+Usage: `msn generate --prompt "def fib(n):"` (add `--chat` for the chat template), or load
+the directory with `transformers.AutoModelForCausalLM.from_pretrained` / `msn.load_model`.
 """
 
 
