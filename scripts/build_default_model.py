@@ -324,6 +324,8 @@ def main() -> None:
     if args.base:
         base = Path(args.base)
         tokenizer = AutoTokenizer.from_pretrained(base)
+        if not (base / "pretrain.json").is_file():
+            raise ValueError(f"--base {base}: no pretrain.json; pass the WORKDIR/base of a build")
         pretraining = json.loads((base / "pretrain.json").read_text())
         log(f"using the pretrained base {base}")
     else:
