@@ -151,6 +151,8 @@ def _tree_tensors(parents: tuple[int, ...], device: torch.device) -> dict[str, t
 
 
 def _as_tuple(parents: torch.Tensor | Sequence[int]) -> tuple[int, ...]:
+    if type(parents) is tuple:
+        return parents  # the decoders' per-step path: no conversion
     if isinstance(parents, torch.Tensor):
         if parents.dim() != 1 or parents.dtype.is_floating_point or parents.dtype == torch.bool:
             raise ValueError(f"parents must be a 1-d integer tensor, got {parents.dtype} "
