@@ -73,19 +73,19 @@ def measure(model, prompts, max_new_tokens: int) -> dict[str, dict[str, float]]:
 
 
 def write_report(results: dict, output: Path, settings: dict) -> str:
+    """Markdown table: a column per model, then each model's ratio to the last (the baseline)."""
     names = list(results)
-    header = "| | " + " | ".join(names) + (" | ratio |" if len(names) == 2 else " |")
-    lines = [header, "|---" * (len(names) + 1 + (len(names) == 2)) + "|"]
-    loss = [results[n]["held_out_loss"] for n in names]
-    ratio = f" {loss[0] / loss[1]:.3f} |" if len(names) == 2 else ""
-    lines.append("| held-out loss | " + " | ".join(f"{v:.3f}" for v in loss) + " |" + ratio)
+    baseline, others = names[-1], names[:-1]
+    header = ["", *names, *(f"{n} / {baseline}" for n in others)]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    loss = {n: results[n]["held_out_loss"] for n in names}
+    cells = [f"{loss[n]:.3f}" for n in names] + [f"{loss[n] / loss[baseline]:.3f}" for n in others]
+    lines.append("| held-out loss | " + " | ".join(cells) + " |")
     for decoder in DECODERS:
-        values = [results[n]["decoders"][decoder]["tokens_per_step"] for n in names]
-        cells = " | ".join(f"{v:.3f} (+{v - 1:.3f})" for v in values)
-        extra = ""
-        if len(names) == 2:
-            extra = f" {values[0] / values[1]:.3f} |"
-        lines.append(f"| {decoder}: tokens/step | {cells} |{extra}")
+        per_step = {n: results[n]["decoders"][decoder]["tokens_per_step"] for n in names}
+        cells = [f"{per_step[n]:.3f} (+{per_step[n] - 1:.3f})" for n in names]
+        cells += [f"{per_step[n] / per_step[baseline]:.3f}" for n in others]
+        lines.append(f"| {decoder}: tokens/step (extra) | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     (output / "msn_effect.md").write_text(
         f"{table}\n\nSettings: {json.dumps(settings)}\n", encoding="utf-8"

@@ -24,7 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", action="store_true", help="also run greedy and compare")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of results")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="bfloat16, float16, float32, float64")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help="bfloat16, float16, float32, float64 (default: the checkpoint's on a GPU, "
+        "float32 on the CPU)",
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -78,7 +83,8 @@ def main(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(path)
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
     prompt = encode_prompt(tokenizer, text, args.chat, path)
-    model = load_model(path, device=args.device, dtype=args.dtype)
+    dtype = args.dtype or (None if args.device.startswith("cuda") else "float32")
+    model = load_model(path, device=args.device, dtype=dtype)
     options = dict(method=args.method, seed=args.seed)
     if args.method == "tr-jacobi":
         options.update(tree=args.tree, retrieval=not args.no_retrieval)
