@@ -427,7 +427,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
         choices=["float32", "float16", "bfloat16", "float64"],
-        help="model dtype (default: the checkpoint's)",
+        help="model dtype (default: the checkpoint's on a GPU, float32 on the CPU)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -454,7 +454,8 @@ def _run(args: argparse.Namespace) -> int:
 
     model_path = args.model or _default_model_path(msn)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = msn.load_model(model_path, device=device, dtype=args.dtype)
+    dtype = args.dtype or (None if str(device).startswith("cuda") else "float32")
+    model = msn.load_model(model_path, device=device, dtype=dtype)
     tokenizer = msn.load_tokenizer(model_path)
     if args.chat and not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"--chat: the tokenizer of {model_path} has no chat template")
