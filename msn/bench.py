@@ -81,12 +81,18 @@ class ReportRow:
     turns: int
     new_tokens: int
     steps: int
+    accepted: int  # tokens emitted by decoding steps: new tokens minus each turn's prefill token
     seconds: float
     speedup: float | None  # tokens/s over the baseline's on the same category
 
     @property
     def tokens_per_step(self) -> float:
-        return self.new_tokens / self.steps if self.steps else math.nan
+        """Mean tokens per decoding step (Spec-Bench's mean accepted length): greedy is 1.
+
+        The first token of each turn comes from the prefill pass, which is not a step, so it
+        is not counted; new tokens / steps would credit every turn with one free token.
+        """
+        return self.accepted / self.steps if self.steps else math.nan
 
     @property
     def tokens_per_second(self) -> float:
@@ -275,6 +281,7 @@ def _totals(category: str, method: str, records: list[TurnRecord]) -> ReportRow:
         turns=len(records),
         new_tokens=sum(r.new_tokens for r in records),
         steps=sum(r.steps for r in records),
+        accepted=sum(sum(r.accept_lengths) for r in records),
         seconds=sum(r.wall_seconds for r in records),
         speedup=None,
     )
@@ -351,7 +358,9 @@ def answers_for(records: Sequence[TurnRecord], method: str) -> list[dict[str, An
                         "prompt_tokens": [r.prompt_tokens for r in turns],
                         "new_tokens": [r.new_tokens for r in turns],
                         "decoding_steps": [r.steps for r in turns],
-                        "accept_lengths": [list(r.accept_lengths) for r in turns],
+                        # Spec-Bench's layout: one flat list over the turns.
+                        "accept_lengths": [n for r in turns for n in r.accept_lengths],
+                        "accept_lengths_per_turn": [list(r.accept_lengths) for r in turns],
                         "wall_time": [r.wall_seconds for r in turns],
                         "stop_reason": [r.stop_reason for r in turns],
                     }

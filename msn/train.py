@@ -108,22 +108,8 @@ def train(args: argparse.Namespace, callbacks: list[TrainerCallback] | None = No
     checkpoints = output / "checkpoints"
     noise_len = 0 if args.no_noise else args.noise_len
 
-    # Model and tokenizer.
-    model = load_base_model(args.model)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    pad_token_id = tokenizer.pad_token_id
-    if pad_token_id is None:
-        pad_token_id = tokenizer.eos_token_id  # padding is masked out of attention and loss
-
-    # Data: clean examples; the collator noises the inputs of every batch afresh.
-    mask_prompt = not args.keep_prompt_loss
-    examples = load_examples(args.data, tokenizer, args.max_length, mask_prompt, args.pair_format)
-    collator = MSNCollator(pad_token_id, noise_len, args.noise_fraction, args.spans)
-    logger.info("%d training examples from %s", len(examples), args.data)
-
-    # Trainer.
+    # Training arguments first: under DeepSpeed ZeRO-3 they must exist before the model is
+    # loaded, so that it is partitioned as it loads instead of built whole on every rank.
     training_args = TrainingArguments(
         output_dir=str(checkpoints),
         per_device_train_batch_size=args.batch_size,
@@ -147,6 +133,22 @@ def train(args: argparse.Namespace, callbacks: list[TrainerCallback] | None = No
         dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,  # the collator needs source_len
     )
+
+    # Model and tokenizer.
+    model = load_base_model(args.model)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    pad_token_id = tokenizer.pad_token_id
+    if pad_token_id is None:
+        pad_token_id = tokenizer.eos_token_id  # padding is masked out of attention and loss
+
+    # Data: clean examples; the collator noises the inputs of every batch afresh.
+    mask_prompt = not args.keep_prompt_loss
+    examples = load_examples(args.data, tokenizer, args.max_length, mask_prompt, args.pair_format)
+    collator = MSNCollator(pad_token_id, noise_len, args.noise_fraction, args.spans)
+    logger.info("%d training examples from %s", len(examples), args.data)
+
     trainer = Trainer(
         model=model,
         args=training_args,
@@ -160,6 +162,14 @@ def train(args: argparse.Namespace, callbacks: list[TrainerCallback] | None = No
     resume_from = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     if args.resume and resume_from is None:
         logger.warning("--resume: no checkpoint in %s, starting from the base model", checkpoints)
+    if not args.resume and resume_from is not None:
+        logger.warning(
+            "%s holds checkpoints of an earlier run (last: %s); this run starts from the base "
+            "model and its checkpoints will mix with them: pass --resume to continue that run, "
+            "or choose a new --output",
+            checkpoints,
+            resume_from,
+        )
     result = trainer.train(resume_from_checkpoint=resume_from if args.resume else None)
 
     # Save the final model and tokenizer at the root of the output directory.

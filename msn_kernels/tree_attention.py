@@ -245,6 +245,8 @@ def _validate(
     devices = {t.device for t in (q, k_cache, v_cache, cache_lens, tree_mask)}
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    if T > S:  # a shape check, so it holds even when the lengths are not read back
+        raise ValueError(f"cache too short: {T} tree nodes do not fit a cache of length {S}")
     if check_lens and B > 0:
         lo, hi = int(cache_lens.min()), int(cache_lens.max())
         if lo < 0:

@@ -71,7 +71,10 @@ class StubGenerate:
 
 
 def record(method, category, new_tokens, steps, seconds, qid=1, turn=0):
-    return TurnRecord(method, qid, category, turn, 10, new_tokens, steps, (1,) * steps, seconds, "")
+    """A turn whose steps emitted new_tokens - 1 tokens (the first came from the prefill)."""
+    share, extra = divmod(new_tokens - 1, steps)
+    accept = tuple(share + (i < extra) for i in range(steps))
+    return TurnRecord(method, qid, category, turn, 10, new_tokens, steps, accept, seconds, "")
 
 
 def write_lines(tmp_path, lines):
@@ -213,8 +216,9 @@ def test_aggregate():
         (OVERALL, "tr-jacobi"),
     ]
     code = rows["code", "tr-jacobi"]
-    assert (code.turns, code.new_tokens, code.steps) == (2, 100, 50)
-    assert code.tokens_per_step == pytest.approx(2.0)
+    assert (code.turns, code.new_tokens, code.steps, code.accepted) == (2, 100, 50, 98)
+    assert code.tokens_per_step == pytest.approx(98 / 50)  # the prefill's tokens not counted
+    assert rows["qa", "greedy"].tokens_per_step == pytest.approx(99 / 100)
     assert code.tokens_per_second == pytest.approx(20.0)
     assert code.speedup == pytest.approx(2.0)
     assert rows["qa", "greedy"].speedup == pytest.approx(1.0)
@@ -231,7 +235,7 @@ def test_aggregate_without_baseline_has_no_speedup():
 
 def test_markdown_table():
     table = markdown_table(aggregate(synthetic_records()))
-    assert "| code | tr-jacobi | 2 | 100 | 50 | 2.00 | 1.00 | 20.0 | 2.00x |" in table
+    assert "| code | tr-jacobi | 2 | 100 | 50 | 1.96 | 0.96 | 20.0 | 2.00x |" in table
     assert table.count("\n") == 2 + 6 - 1
 
 
@@ -252,7 +256,9 @@ def test_write_report(tmp_path):
     assert code["new_tokens"] == [50, 50]
     assert code["decoding_steps"] == [20, 30]
     assert code["wall_time"] == [2.0, 3.0]
-    assert code["accept_lengths"] == [[1] * 20, [1] * 30]
+    per_turn = [list(records[4].accept_lengths), list(records[5].accept_lengths)]
+    assert code["accept_lengths_per_turn"] == per_turn
+    assert code["accept_lengths"] == per_turn[0] + per_turn[1]  # Spec-Bench's flat list
 
 
 # -- command line -----------------------------------------------------------------------------

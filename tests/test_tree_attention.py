@@ -221,3 +221,10 @@ def test_validation_errors(change: dict[str, torch.Tensor], message: str) -> Non
 def test_num_splits_must_be_positive() -> None:
     with pytest.raises(ValueError, match="num_splits must be >= 1"):
         tree_attention(**_valid_inputs(), num_splits=0)
+
+
+def test_tree_longer_than_the_cache_is_refused_without_reading_lengths() -> None:
+    inputs = {**_valid_inputs(), "k_cache": torch.randn(2, 2, 2, 16)}
+    inputs["v_cache"] = inputs["k_cache"].clone()
+    with pytest.raises(ValueError, match="3 tree nodes do not fit a cache of length 2"):
+        tree_attention(**inputs, check_lens=False)
