@@ -51,8 +51,12 @@ class GenerationResult:
 
     @property
     def tokens_per_step(self) -> float:
-        """Mean accepted tokens per step (MTA): new tokens / decoding steps."""
-        return self.new_tokens / max(self.steps, 1)
+        """Mean tokens emitted per decoding step; greedy decoding gives exactly 1.
+
+        The first new token comes from the prefill pass, which is not a step, so it is left
+        out: new_tokens / steps (DESIGN.md's MTA) is larger by 1 / steps.
+        """
+        return sum(self.accept_lengths) / self.steps if self.steps else 0.0
 
     @property
     def tokens_per_second(self) -> float:
