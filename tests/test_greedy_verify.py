@@ -4,6 +4,7 @@ The Triton path runs through the interpreter on CPU (tests/conftest.py sets TRIT
 """
 
 import importlib
+import random
 
 import pytest
 import torch
@@ -183,3 +184,20 @@ def test_random_trees_match_the_oracle(inputs: tuple[torch.Tensor, torch.Tensor,
 def test_validation_errors(logits, tokens, parents, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         greedy_verify(logits, tokens, parents)
+
+
+@pytest.mark.parametrize("T", [69, 128])
+def test_large_trees_match_the_oracle(T: int, poison_empty) -> None:
+    """The walk kernel's widest configuration (T_PAD = 128), which the property test skips."""
+    rng = random.Random(T)
+    for seed in range(3):
+        # Deep and bushy trees: parents drawn from the last few nodes.
+        parents = [-1] + [rng.randrange(max(0, i - 4), i) for i in range(1, T)]
+        gen = torch.Generator().manual_seed(seed)
+        logits = torch.randint(-3, 4, (2, T, 300), generator=gen).float()
+        amax = logits.argmax(-1)
+        tokens = torch.where(torch.rand(2, T, generator=gen) < 0.85,
+                             amax[:, torch.tensor(parents).clamp(min=0)],
+                             torch.randint(-1, 300, (2, T), generator=gen))  # fmt: skip
+        logits, tokens = logits.to(DEVICE), tokens.to(DEVICE)
+        assert_result(greedy_verify(logits, tokens, parents), oracle(logits, tokens, parents))
