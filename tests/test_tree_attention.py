@@ -228,3 +228,20 @@ def test_tree_longer_than_the_cache_is_refused_without_reading_lengths() -> None
     inputs["v_cache"] = inputs["k_cache"].clone()
     with pytest.raises(ValueError, match="3 tree nodes do not fit a cache of length 2"):
         tree_attention(**inputs, check_lens=False)
+
+
+def test_empty_and_long_prefixes_in_one_batch_with_unchecked_lengths(poison_empty) -> None:
+    """A row with no prefix beside a 300-token one, split five ways, lengths not read back."""
+    q, k, v, _, mask, trees = make_case(
+        B=2, Hkv=2, group=4, T=5, D=64, dtype=torch.float32, prefix_max=0, shared_tree=False,
+        seed=11,
+    )  # fmt: skip
+    cache_lens = torch.tensor([0, 300], device=DEVICE)
+    S = 300 + 5
+    gen = torch.Generator().manual_seed(3)
+    k = torch.randn(2, 2, S, 64, generator=gen).to(DEVICE)
+    v = torch.randn(2, 2, S, 64, generator=gen).to(DEVICE)
+    k[0, :, 5:] = v[0, :, 5:] = float("nan")  # row 0 must read only its 5 tree slots
+    out = tree_attention(q, k, v, cache_lens, mask, num_splits=5, check_lens=False)
+    expected = oracle(q, k, v, cache_lens, trees, 64**-0.5)
+    torch.testing.assert_close(out.double().cpu(), expected, atol=TOLERANCE[torch.float32], rtol=0)
