@@ -199,8 +199,11 @@ class MSNCollator:
 
     The labels are always the clean tokens (noise never reaches them). `noise_len` tokens per
     span, `num_spans` spans per example, a `noise_fraction` of examples noised; `noise_len=0`
-    or `noise_fraction=0` gives plain fine-tuning. Randomness comes from `generator`, or from
-    torch's global generator when None (seeded by the Trainer, reseeded per DataLoader worker).
+    or `noise_fraction=0` gives plain fine-tuning. Randomness comes from `generator`, or, when
+    None, from a per-batch generator seeded by torch's global one plus `rank`. The global
+    generator is seeded by the Trainer and restored on resume, so the noise is reproducible;
+    the rank offset gives each data-parallel process its own noise, although the Trainer seeds
+    every process alike.
     """
 
     def __init__(
@@ -210,6 +213,7 @@ class MSNCollator:
         noise_fraction: float = 1.0,
         num_spans: int = 1,
         generator: torch.Generator | None = None,
+        rank: int = 0,
     ) -> None:
         if noise_len < 0 or num_spans < 0 or not 0.0 <= noise_fraction <= 1.0:
             raise ValueError(
@@ -221,6 +225,13 @@ class MSNCollator:
         self.noise_fraction = noise_fraction
         self.num_spans = num_spans
         self.generator = generator
+        self.rank = rank
+
+    def _batch_generator(self) -> torch.Generator:
+        if self.generator is not None:
+            return self.generator
+        seed = int(torch.randint(0, 2**62, (1,))) + self.rank
+        return torch.Generator().manual_seed(seed)
 
     def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         lengths = torch.tensor([len(e.input_ids) for e in examples])
@@ -239,7 +250,7 @@ class MSNCollator:
                 noise_len=self.noise_len,
                 num_spans=self.num_spans,
                 noise_fraction=self.noise_fraction,
-                generator=self.generator,
+                generator=self._batch_generator(),
             )
         return {
             "input_ids": input_ids,

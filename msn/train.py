@@ -146,7 +146,10 @@ def train(args: argparse.Namespace, callbacks: list[TrainerCallback] | None = No
     # Data: clean examples; the collator noises the inputs of every batch afresh.
     mask_prompt = not args.keep_prompt_loss
     examples = load_examples(args.data, tokenizer, args.max_length, mask_prompt, args.pair_format)
-    collator = MSNCollator(pad_token_id, noise_len, args.noise_fraction, args.spans)
+    collator = MSNCollator(
+        pad_token_id, noise_len, args.noise_fraction, args.spans,
+        rank=training_args.process_index,
+    )  # fmt: skip
     logger.info("%d training examples from %s", len(examples), args.data)
 
     trainer = Trainer(

@@ -151,6 +151,18 @@ def test_collator_draws_noise_afresh_on_every_call(tokenizer):
     assert all(torch.equal(batches[0]["labels"], b["labels"]) for b in batches[1:])
 
 
+def test_collator_noise_follows_the_global_seed_and_differs_per_rank(tokenizer):
+    """Reproducible from torch's seed (restored on resume), yet distinct on each rank."""
+    examples = make_batch_examples(tokenizer)
+
+    def noised(rank: int) -> torch.Tensor:
+        torch.manual_seed(42)  # what the Trainer does on every rank
+        return MSNCollator(tokenizer.pad_token_id, num_spans=2, rank=rank)(examples)["input_ids"]
+
+    assert torch.equal(noised(0), noised(0))
+    assert not torch.equal(noised(0), noised(1))
+
+
 def test_collator_without_noise_returns_clean_inputs(tokenizer):
     examples = make_batch_examples(tokenizer)
     for collate in (
