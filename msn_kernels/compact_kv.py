@@ -108,6 +108,12 @@ def _validate(
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
 
 
+def compact_kv_num_warps(block_m: int, head_dim: int) -> int:
+    """Enough warps that each thread holds at most 64 key and value elements (no spills)."""
+    per_thread_at_4_warps = 2 * block_m * head_dim // (4 * 32)
+    return min(16, max(4, 4 * triton.next_power_of_2(-(-per_thread_at_4_warps // 64))))
+
+
 def compact_kv_triton(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -124,11 +130,12 @@ def compact_kv_triton(
     accepted_nodes = (
         accepted_nodes if accepted_nodes.stride(-1) == 1 else accepted_nodes.contiguous()
     )
+    block_m = max(16, triton.next_power_of_2(M))
     _compact_kv_kernel[(L * B * Hkv,)](
         k5, v5, cache_lens, accepted_nodes, Hkv, B, S, M, accepted_nodes.stride(0),
         k5.stride(0), k5.stride(1), k5.stride(2), k5.stride(3),
         v5.stride(0), v5.stride(1), v5.stride(2), v5.stride(3),
-        HEAD_DIM=D, BLOCK_M=max(16, triton.next_power_of_2(M)), num_warps=4,
+        HEAD_DIM=D, BLOCK_M=block_m, num_warps=compact_kv_num_warps(block_m, D),
     )  # fmt: skip
 
 

@@ -29,6 +29,8 @@ from pathlib import Path
 import pytest
 import triton
 
+from msn_kernels.compact_kv import compact_kv_num_warps
+
 ARCHS = (80, 90)
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # dynamic shared memory per block
 NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -118,15 +120,19 @@ def _verify_and_compact_configs(full: bool) -> list[Config]:
             num_warps=4 if t_pad <= 64 else 8, tag=f"T={t_pad}",
         ))  # fmt: skip
     strides = [f"stride_{t}{d}" for t in "kv" for d in "lbhs"]
-    for d in (16, 32, 64, 128) if full else (16, 128):
-        for dt in ("bf16", "fp16", "fp32") if full else ("bf16",):
-            configs.append(Config(
-                "msn_kernels.compact_kv", "_compact_kv_kernel",
-                {"K": f"*{dt}", "V": f"*{dt}", "CacheLens": "*i64", "Accepted": "*i64"},
-                {"HEAD_DIM": d, "BLOCK_M": 16},
-                aligned=("K", "V", "CacheLens", "Accepted", *strides), expect_barrier=True,
-                tag=f"{dt},D={d}",
-            ))  # fmt: skip
+    compact_sizes = (
+        [(m, d, dt) for m in (16, 64, 128) for d in (16, 32, 64, 128)
+         for dt in ("bf16", "fp16", "fp32")]
+        if full else [(16, 16, "bf16"), (16, 128, "bf16"), (128, 128, "fp32")]
+    )  # fmt: skip
+    for block_m, d, dt in compact_sizes:
+        configs.append(Config(
+            "msn_kernels.compact_kv", "_compact_kv_kernel",
+            {"K": f"*{dt}", "V": f"*{dt}", "CacheLens": "*i64", "Accepted": "*i64"},
+            {"HEAD_DIM": d, "BLOCK_M": block_m},
+            aligned=("K", "V", "CacheLens", "Accepted", *strides), expect_barrier=True,
+            num_warps=compact_kv_num_warps(block_m, d), tag=f"{dt},D={d},M={block_m}",
+        ))  # fmt: skip
     return configs
 
 
