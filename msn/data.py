@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +28,27 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 PairFormat = Literal["auto", "chat", "plain"]
+
+
+def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str]):
+    """A byte-level BPE `tokenizers.Tokenizer` trained on `texts`; specials take the first ids.
+
+    For training a small model from scratch (the embedded model, test fixtures); wrap it in a
+    `transformers.PreTrainedTokenizerFast` to use it with the rest of the library.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    return backend
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

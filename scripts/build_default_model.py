@@ -39,10 +39,11 @@ from pathlib import Path
 import tokenizers
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import processors
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import msn.train
+from msn.data import train_byte_level_bpe
 
 REPO = Path(__file__).resolve().parent.parent
 SPECIAL_TOKENS = ["<|bos|>", "<|end|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -163,16 +164,7 @@ def build_corpus(workdir: Path) -> dict:
 
 
 def train_tokenizer(texts: list[str], vocab_size: int = 2048) -> PreTrainedTokenizerFast:
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(texts, trainer=trainer)
+    backend = train_byte_level_bpe(texts, vocab_size, SPECIAL_TOKENS)
     # tokenizer(text) starts with <|bos|>, as training examples do.
     bos_id = backend.token_to_id("<|bos|>")
     backend.post_processor = processors.TemplateProcessing(

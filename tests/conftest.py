@@ -31,20 +31,12 @@ TOKENIZER_CORPUS = [
 
 def build_tiny_tokenizer(vocab_size: int = 320, chat_template: str | None = CHAT_TEMPLATE):
     """A byte-level BPE tokenizer trained in milliseconds, with optional chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    from msn.data import train_byte_level_bpe
+
     special = ["<|bos|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=special,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(TOKENIZER_CORPUS, trainer=trainer)
+    backend = train_byte_level_bpe(TOKENIZER_CORPUS, vocab_size, special)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<|bos|>", eos_token="<|end|>", pad_token="<|end|>"
     )
