@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from msn.retrieval import NgramIndex
-from msn.tree import JACOBI, RETRIEVAL, TreeSpec, chain_tree, paper_tree
+from msn.tree import JACOBI, TreeSpec, chain_tree, paper_tree, parse_tree
 from msn_kernels import greedy_verify
 
 METHODS = ("greedy", "jacobi", "tr-jacobi")
@@ -228,8 +228,6 @@ def _tree_for(method: str, tree: TreeSpec | str | None, retrieval: bool) -> Tree
             )
         return chain_tree(JACOBI_DEPTH)
     if isinstance(tree, str):
-        from msn.tree import parse_tree
-
         tree = parse_tree(tree)
     tree = tree or paper_tree()
     return tree if retrieval else tree.without_retrieval()
@@ -290,7 +288,6 @@ class TreeDecoder:
             for node in range(tree.num_nodes)
             if tree.kinds[node] == JACOBI
         ]
-        self._retrieval_nodes = [n for n in range(tree.num_nodes) if tree.kinds[n] == RETRIEVAL]
         # Depth-1 Jacobi leaves may repeat the retrieval draft's first token: such a slot
         # could never add anything, so it gets the depth's spare candidate instead.
         has_child = set(tree.parents)
@@ -312,11 +309,11 @@ class TreeDecoder:
         rows = [self._candidate_row(d) for d in range(self.depth)]
         for node, depth, rank in self._jacobi_nodes:
             tokens[node] = rows[depth][rank]
-        if self._retrieval_nodes:
+        if self.tree.retrieval_nodes:
             draft = self.index.lookup()
-            for depth, node in enumerate(self._retrieval_nodes):
+            for depth, node in enumerate(self.tree.retrieval_nodes):
                 tokens[node] = draft[depth] if depth < len(draft) else self._random_token(())
-            first = tokens[self._retrieval_nodes[0]]
+            first = tokens[self.tree.retrieval_nodes[0]]
             for node in self._depth_one_leaves:
                 if tokens[node] == first:
                     spare = rows[0][self.width :]
