@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from msn.config import ModelConfig
+from msn.gguf import gguf_checkpoint, is_gguf
 from msn.model import Transformer
 
 HUB_FILE_PATTERNS = [
@@ -81,8 +82,13 @@ def msn_to_hf_name(msn_name: str) -> str:
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A local checkpoint directory; a hub id is downloaded (config, tokenizer, safetensors)."""
+    """A local checkpoint directory; a hub id is downloaded (config, tokenizer, safetensors).
+
+    A Llama-architecture `.gguf` file is converted once and its cached directory returned.
+    """
     local = Path(path).expanduser()
+    if is_gguf(local) and local.is_file():
+        return gguf_checkpoint(local)
     if local.is_dir():
         return local
     if local.exists():

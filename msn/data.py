@@ -7,7 +7,8 @@ Each line of the JSONL file is one example, either a chat in the Hugging Face fo
 or a pair `{"prompt": "...", "response": "..."}`. The prompt is everything the model is given
 (for a chat: every message before the last assistant turn, rendered by the tokenizer's chat
 template with the generation prompt); the response is what it learns to produce (the last
-assistant turn, ending with the end-of-sequence token). `source_len` is the prompt's length in
+assistant turn, ending with the end-of-sequence token, unless the record has `"truncated": true`:
+a response cut at a length limit gets no end token). `source_len` is the prompt's length in
 tokens: MSN noise goes only after it, and the loss is taken only there unless asked otherwise.
 """
 
@@ -125,7 +126,9 @@ def tokenize_example(
 
     Chats go through the chat template. Pairs go through it too when `pair_format` is "chat"
     (or "auto" and the tokenizer has a template); "plain" gives `[bos] + prompt` and
-    `response + [eos]`. A response always ends with the eos token.
+    `response + [eos]`. A response ends with the eos token, unless the record says
+    `"truncated": true` (a response cut at a length limit, which must not teach the model to
+    stop there).
     """
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -139,9 +142,10 @@ def tokenize_example(
         ]
     else:
         bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+        end = [] if example.get("truncated") else [eos]
         return bos + _encode(tokenizer, example["prompt"]), _encode(
             tokenizer, example["response"]
-        ) + [eos]
+        ) + end
     _require_template(tokenizer)
     prompt_text = tokenizer.apply_chat_template(
         messages[:-1], tokenize=False, add_generation_prompt=True
@@ -154,7 +158,12 @@ def tokenize_example(
     else:
         response_text = messages[-1]["content"]
     response = _encode(tokenizer, response_text)
-    if not response or response[-1] != eos:
+    if eos in response:
+        del response[len(response) - response[::-1].index(eos) :]  # nothing after the turn's end
+    truncated = bool(example.get("truncated"))
+    if truncated and response and response[-1] == eos:
+        response.pop()
+    if not truncated and (not response or response[-1] != eos):
         response.append(eos)
     return _encode(tokenizer, prompt_text), response
 

@@ -35,6 +35,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from msn.data import MSNCollator, load_examples
+from msn.gguf import gguf_checkpoint, is_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--noise-fraction", type=float, default=1.0, help="fraction of examples noised"
     )
     noise.add_argument("--no-noise", action="store_true", help="plain fine-tuning, the baseline")
+
+    lora = parser.add_argument_group("LoRA (through peft; full fine-tuning without --lora-rank)")
+    lora.add_argument("--lora-rank", type=int, default=0, help="LoRA rank r; 0 trains all weights")
+    lora.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 r)")
+    lora.add_argument("--lora-dropout", type=float, default=0.0)
+    lora.add_argument(
+        "--lora-targets",
+        default="all-linear",
+        help="comma-separated module names (q_proj,v_proj,...) or all-linear (default)",
+    )
+    lora.add_argument(
+        "--merge",
+        action="store_true",
+        help="also save the base model with the adapter merged, in OUTPUT/merged",
+    )
 
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=float, default=1.0)
@@ -102,6 +118,32 @@ def load_base_model(path: str) -> LlamaForCausalLM:
     return LlamaForCausalLM.from_pretrained(path, config=config, dtype=torch.float32)
 
 
+def wrap_lora(model: LlamaForCausalLM, args: argparse.Namespace):
+    """The model with LoRA adapters on `args.lora_targets`; only the adapters train."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as error:
+        raise ValueError("--lora-rank needs peft: pip install peft (or msn[train])") from error
+    if args.lora_rank < 0:
+        raise ValueError(f"--lora-rank must be positive, got {args.lora_rank}")
+    targets = args.lora_targets
+    lora_config = LoraConfig(
+        r=args.lora_rank,
+        lora_alpha=args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_rank,
+        lora_dropout=args.lora_dropout,
+        target_modules=targets if targets == "all-linear" else targets.split(","),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora_config)
+
+
+def save_merged(model, tokenizer, directory: Path) -> None:
+    """The base weights with the LoRA update folded in, as a plain safetensors checkpoint."""
+    merged = model.merge_and_unload()
+    merged.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+
+
 def train(args: argparse.Namespace, callbacks: list[TrainerCallback] | None = None) -> dict:
     """Run `msn train` and return its summary (also written to OUTPUT/msn_train.json)."""
     output = Path(args.output)
@@ -134,11 +176,14 @@ def train(args: argparse.Namespace, callbacks: list[TrainerCallback] | None = No
         remove_unused_columns=False,  # the collator needs source_len
     )
 
-    # Model and tokenizer.
-    model = load_base_model(args.model)
+    # Model and tokenizer (a GGUF file is converted once and read from the cache).
+    model_path = str(gguf_checkpoint(args.model)) if is_gguf(args.model) else args.model
+    model = load_base_model(model_path)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if args.lora_rank:
+        model = wrap_lora(model, args)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_token_id = tokenizer.pad_token_id
     if pad_token_id is None:
         pad_token_id = tokenizer.eos_token_id  # padding is masked out of attention and loss
@@ -175,12 +220,17 @@ def train(args: argparse.Namespace, callbacks: list[TrainerCallback] | None = No
         )
     result = trainer.train(resume_from_checkpoint=resume_from if args.resume else None)
 
-    # Save the final model and tokenizer at the root of the output directory.
+    # Save the final model (or adapter) and tokenizer at the root of the output directory.
     trainer.save_model(str(output))
+    if args.lora_rank and args.merge and trainer.is_world_process_zero():
+        save_merged(trainer.model, tokenizer, output / "merged")
     summary: dict[str, Any] = {
         "model": args.model,
         "data": args.data,
         "noise": {"noise_len": noise_len, "spans": args.spans, "fraction": args.noise_fraction},
+        "lora": {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": args.lora_targets}
+        if args.lora_rank
+        else None,
         "global_step": result.global_step,
         "train_loss": result.training_loss,
         "loss_history": [
