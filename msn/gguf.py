@@ -33,9 +33,7 @@ def gguf_architecture(gguf_file: Path) -> str:
     try:
         from gguf import GGUFReader
     except ImportError as error:
-        raise ValueError(
-            f"reading {gguf_file} needs the gguf package: pip install gguf"
-        ) from error
+        raise ValueError(f"reading {gguf_file} needs the gguf package: pip install gguf") from error
     try:
         field = GGUFReader(gguf_file).fields["general.architecture"]
     except KeyError as error:

@@ -280,7 +280,8 @@ def main() -> None:
         bar.update(len(done))
         for start in range(0, len(todo), args.batch_size):
             ids = todo[start : start + args.batch_size]
-            batch = answer_batch(model, tokenizer, [prompts[i][1] for i in ids], args.max_new_tokens)
+            texts = [prompts[i][1] for i in ids]
+            batch = answer_batch(model, tokenizer, texts, args.max_new_tokens)
             for i, answer in zip(ids, batch, strict=True):
                 category, prompt = prompts[i]
                 done[i] = {"id": i, "category": category, "prompt": prompt, **answer}
