@@ -9,12 +9,13 @@ import json
 import os
 import re
 from dataclasses import replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from msn.config import ModelConfig
+from msn.adapter import apply_delta, lora_deltas
+from msn.config import ModelConfig, token_ids
 from msn.gguf import gguf_checkpoint, is_gguf
 from msn.model import Transformer
 
@@ -86,6 +87,10 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
     A Llama-architecture `.gguf` file is converted once and its cached directory returned.
     """
+    if not str(path).strip():
+        raise ValueError(
+            "the model path is empty; pass a checkpoint directory, a .gguf file or a hub id."
+        )
     local = Path(path).expanduser()
     if is_gguf(local) and local.is_file():
         return gguf_checkpoint(local)
@@ -107,7 +112,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 def _download_from_hub(repo_id: str) -> Path:
     how_to = (
         f"download it where the hub is reachable, for example\n"
-        f"  huggingface-cli download {repo_id} --local-dir ./{repo_id.split('/')[-1]} "
+        f"  hf download {repo_id} --local-dir ./{repo_id.split('/')[-1]} "
         f"--include {' '.join(repr(p) for p in HUB_FILE_PATTERNS)}\n"
         f"then pass that directory (config.json, model*.safetensors, tokenizer files) instead "
         f"of the hub id."
@@ -129,9 +134,14 @@ def _download_from_hub(repo_id: str) -> Path:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not valid JSON ({error}); re-download it.") from error
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{path} must hold a JSON object, got a JSON {type(data).__name__}; re-download it."
+        )
+    return data
 
 
 def load_config(checkpoint: Path) -> ModelConfig:
@@ -146,8 +156,7 @@ def load_config(checkpoint: Path) -> ModelConfig:
     generation_path = checkpoint / "generation_config.json"
     if generation_path.is_file():
         generation = _read_json(generation_path)
-        extra = generation.get("eos_token_id")
-        extra = [extra] if isinstance(extra, int) else list(extra or [])
+        extra = token_ids(generation.get("eos_token_id"), f"{generation_path}: eos_token_id")
         merged = tuple(dict.fromkeys([*config.eos_token_ids, *extra]))
         config = replace(config, eos_token_ids=merged)
     return config
@@ -159,16 +168,23 @@ def safetensors_files(checkpoint: Path) -> dict[str, Path]:
     single = checkpoint / "model.safetensors"
     if index_path.is_file():
         weight_map = _read_json(index_path).get("weight_map", {})
-        files = {name: checkpoint / shard for name, shard in weight_map.items()}
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index_path}: weight_map must be a JSON object; re-download it.")
+        files = {
+            name: _shard_path(checkpoint, shard, index_path) for name, shard in weight_map.items()
+        }
         missing = sorted({str(f.name) for f in files.values() if not f.is_file()})
         if missing:
             raise FileNotFoundError(
                 f"{checkpoint}: shard(s) listed in model.safetensors.index.json are missing: "
                 f"{', '.join(missing)}; download them into {checkpoint}."
             )
+        for shard in dict.fromkeys(files.values()):
+            with open_safetensors(shard):  # a truncated or corrupt shard is named up front
+                pass
         return files
     if single.is_file():
-        with safe_open(single, framework="pt") as handle:
+        with open_safetensors(single) as handle:
             return {name: single for name in handle.keys()}  # noqa: SIM118
     if list(checkpoint.glob("pytorch_model*.bin")) or (checkpoint / "model.pt").exists():
         raise ValueError(
@@ -183,19 +199,47 @@ def safetensors_files(checkpoint: Path) -> dict[str, Path]:
     )
 
 
+def _shard_path(checkpoint: Path, shard: object, index_path: Path) -> Path:
+    """The file a shard name of the index points to; only files inside the checkpoint count."""
+    if not isinstance(shard, str) or not shard.strip():
+        raise ValueError(f"{index_path}: shard names must be file names, got {shard!r}.")
+    relative = PurePosixPath(shard.replace("\\", "/"))
+    if relative.is_absolute() or PureWindowsPath(shard).drive or ".." in relative.parts:
+        raise ValueError(
+            f"{index_path} names the shard {shard!r}, which lies outside {checkpoint}; an index "
+            "may only name files inside its own directory. Re-download the checkpoint, or fix "
+            "its model.safetensors.index.json."
+        )
+    return checkpoint / relative
+
+
+def open_safetensors(file: Path, device: str = "cpu"):
+    """`safe_open` a file; a truncated or corrupt one is a ValueError naming it."""
+    try:
+        return safe_open(file, framework="pt", device=device)
+    except (SafetensorError, OSError) as error:
+        raise ValueError(
+            f"{file} is not a readable safetensors file ({error}); it is probably truncated or "
+            "corrupt (an interrupted download or copy): download or save it again."
+        ) from error
+
+
 def load_model(
     path: str | os.PathLike,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
     max_seq_len: int | None = None,
+    adapter: str | os.PathLike | None = None,
 ) -> Transformer:
     """Build the slim model for a checkpoint directory (or hub id) and load its weights.
 
     The model is built on the meta device and the loaded tensors are assigned to it, so the
     weights exist once in memory. `dtype` follows the checkpoint when None. `max_seq_len` is
     the longest sequence (prompt + output) to handle, the model's context by default; the KV
-    cache is allocated on demand for what a call needs, up to it.
+    cache is allocated on demand for what a call needs, up to it. `adapter` names a LoRA
+    adapter directory (peft's format, as `msn train --lora-rank` writes it) merged on load.
     """
+    _check_max_seq_len(max_seq_len)
     checkpoint = resolve_checkpoint(path)
     config = load_config(checkpoint)
     dtype = resolve_dtype(dtype, config)
@@ -221,7 +265,7 @@ def load_model(
                 continue
             seen.add(target)
             if file not in handles:
-                handles[file] = safe_open(file, framework="pt", device=str(device))
+                handles[file] = open_safetensors(file, device=str(device))
             try:
                 tensor = handles[file].get_tensor(hf_name)
             except SafetensorError as error:
@@ -243,11 +287,23 @@ def load_model(
             + "\n  ".join(problems)
         )
     model.load_state_dict(state, strict=False, assign=True)
+    if adapter is not None:
+        merge_adapter(model, adapter)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.eval().requires_grad_(False)
     model.max_seq_len = max_seq_len or config.max_position_embeddings
     return model
+
+
+@torch.no_grad()
+def merge_adapter(model: Transformer, adapter: str | os.PathLike) -> None:
+    """Fold a LoRA adapter into the model's weights, in place."""
+    for hf_name, delta in lora_deltas(adapter):
+        target = hf_to_msn_name(hf_name)
+        if target is None:
+            raise ValueError(f"the adapter at {adapter} updates {hf_name}, which msn does not load")
+        apply_delta(hf_name, model.get_parameter(target), delta)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -260,11 +316,37 @@ def resolve_device(device: str | torch.device) -> torch.device:
             f"device {str(device)!r} asked for, but this PyTorch build sees no CUDA GPU; use "
             "device 'cpu' (--device cpu) or install a CUDA build of PyTorch."
         )
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {str(device)!r} asked for, but this machine has "
+            f"{torch.cuda.device_count()} CUDA GPU(s), numbered from 0."
+        )
+    mps = device.type == "mps" and torch.backends.mps.is_available()
+    if device.type not in ("cpu", "cuda") and not mps:
+        raise ValueError(
+            f"device {str(device)!r} is not available: msn runs on 'cpu' and 'cuda' (and 'mps' "
+            "where this PyTorch build supports it); use --device cpu or a CUDA GPU."
+        )
     return device
+
+
+def _check_max_seq_len(max_seq_len: int | None) -> None:
+    if max_seq_len is None:
+        return
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
+        raise ValueError(
+            f"max_seq_len must be a positive number of positions (or None for the model's "
+            f"context), got {max_seq_len!r}."
+        )
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, config: ModelConfig) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(
+                f"unsupported dtype {dtype}; msn computes in floating point: use one of "
+                "torch.float32, torch.float16, torch.bfloat16 or torch.float64."
+            )
         return dtype
     name = dtype if dtype is not None else (config.torch_dtype or "float32")
     name = str(name).removeprefix("torch.")
@@ -278,6 +360,8 @@ def load_tokenizer(path: str | os.PathLike):
     from transformers import AutoTokenizer
 
     checkpoint = resolve_checkpoint(path)
+    if (checkpoint / "config.json").is_file():
+        load_config(checkpoint)  # a broken config is named as such, not blamed on the tokenizer
     try:
         return AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=False)
     except (OSError, ValueError) as error:

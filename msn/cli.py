@@ -16,6 +16,7 @@ COMMANDS = {
     "generate": ("msn.commands.generate", "Generate text with greedy, Jacobi or TR-Jacobi."),
     "bench": ("msn.bench", "Benchmark decoders on a Spec-Bench style prompt set."),
     "train": ("msn.train", "Fine-tune a model with MSN noise."),
+    "convert": ("msn.commands.convert", "Convert a Llama GGUF file to a safetensors checkpoint."),
 }
 
 

@@ -127,3 +127,27 @@ def test_non_llama_models_are_rejected(data, tmp_path):
     )
     with pytest.raises(ValueError, match="'gpt2' model.*Llama"):
         train(tiny_args(tmp_path / "gpt2", data, tmp_path / "run", "--max-steps", "1"))
+
+
+def test_lora_saves_an_adapter_and_a_merged_model_that_agree(tiny_checkpoint, data, tmp_path):
+    import msn
+
+    output = tmp_path / "lora"
+    args = tiny_args(
+        tiny_checkpoint, data, output, "--max-steps", "8", "--lora-rank", "4", "--merge"
+    )
+    summary = train(args)
+    assert summary["lora"]["rank"] == 4
+    assert (output / "adapter_model.safetensors").is_file()
+    assert not (output / "model.safetensors").exists()  # only the adapter at the root
+    merged = AutoModelForCausalLM.from_pretrained(output / "merged", dtype=torch.float64)
+
+    ids = torch.tensor([[3, 17, 42, 99, 5, 250]])
+    with torch.no_grad():
+        reference = merged(ids).logits
+    base = msn.load_model(tiny_checkpoint, dtype=torch.float64)
+    adapted = msn.load_model(tiny_checkpoint, dtype=torch.float64, adapter=output)
+    with torch.no_grad():
+        # The merged file rounds W + BA to float32 once; msn merges in float64.
+        torch.testing.assert_close(adapted(ids), reference, atol=1e-6, rtol=1e-6)
+        assert (base(ids) - reference).abs().max() > 1e-4  # the adapter did change the model
