@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,12 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any], source: str = "config") -> ModelConfig:
         """Read the fields of a transformers 4.x or 5.x `LlamaConfig` dictionary."""
+        if not isinstance(raw, dict):
+            raise ValueError(
+                f"{source}: expected a JSON object of model settings, got a JSON "
+                f"{type(raw).__name__}; re-download config.json (or save it again with "
+                "config.save_pretrained)."
+            )
         model_type = raw.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
@@ -69,6 +76,8 @@ class ModelConfig:
                 "checkpoints."
             )
         architectures = raw.get("architectures") or list(SUPPORTED_ARCHITECTURES)
+        if isinstance(architectures, str):
+            architectures = [architectures]
         unsupported = [a for a in architectures if a not in SUPPORTED_ARCHITECTURES]
         if unsupported:
             raise ValueError(
@@ -89,66 +98,131 @@ class ModelConfig:
         if missing:
             raise ValueError(f"{source}: missing required field(s) {missing}.")
 
-        num_heads = int(raw["num_attention_heads"])
-        num_kv_heads = int(raw.get("num_key_value_heads") or num_heads)
-        hidden_size = int(raw["hidden_size"])
+        num_heads = _integer(raw, "num_attention_heads", source)
+        num_kv_heads = _integer(raw, "num_key_value_heads", source, default=num_heads)
+        hidden_size = _integer(raw, "hidden_size", source)
         if num_heads % num_kv_heads:
             raise ValueError(
                 f"{source}: num_attention_heads={num_heads} is not a multiple of "
                 f"num_key_value_heads={num_kv_heads}."
             )
-        head_dim = raw.get("head_dim") or hidden_size // num_heads
+        head_dim = _integer(raw, "head_dim", source, default=hidden_size // num_heads)
         activation = raw.get("hidden_act", "silu")
         if activation != "silu":
             raise ValueError(
                 f"{source}: unsupported activation: hidden_act={activation!r}; msn's MLP is "
                 "SwiGLU with 'silu', as in Llama and DeepSeek-Coder."
             )
-        max_positions = int(raw.get("max_position_embeddings", 2048))
+        max_positions = _integer(raw, "max_position_embeddings", source, default=2048)
+        bos = raw.get("bos_token_id")
         return cls(
-            vocab_size=int(raw["vocab_size"]),
+            vocab_size=_integer(raw, "vocab_size", source),
             hidden_size=hidden_size,
-            intermediate_size=int(raw["intermediate_size"]),
-            num_layers=int(raw["num_hidden_layers"]),
+            intermediate_size=_integer(raw, "intermediate_size", source),
+            num_layers=_integer(raw, "num_hidden_layers", source),
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
-            head_dim=int(head_dim),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            head_dim=head_dim,
+            rms_norm_eps=_real(raw, "rms_norm_eps", source, 1e-6, "non-negative"),
             max_position_embeddings=max_positions,
             attention_bias=bool(raw.get("attention_bias", False)),
             mlp_bias=bool(raw.get("mlp_bias", False)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            bos_token_id=raw.get("bos_token_id"),
-            eos_token_ids=_as_id_tuple(raw.get("eos_token_id")),
+            bos_token_id=None if bos is None else token_ids(bos, f"{source}: bos_token_id")[0],
+            eos_token_ids=token_ids(raw.get("eos_token_id"), f"{source}: eos_token_id"),
             rope=_read_rope(raw, max_positions, source),
             torch_dtype=raw.get("dtype") or raw.get("torch_dtype"),
         )
 
 
-def _as_id_tuple(value: int | list[int] | None) -> tuple[int, ...]:
+def _as_int(value: Any) -> int | None:
+    """An integer from a JSON number (or a numeric string); None when it is not one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def _integer(raw: dict[str, Any], key: str, source: str, default: int | None = None) -> int:
+    """A positive integer field; the error names the field and its value."""
+    value = raw.get(key)
+    if value is None and default is not None:
+        return default
+    number = _as_int(value)
+    if number is None or number < 1:
+        raise ValueError(
+            f"{source}: field {key} must be a positive integer, got {value!r}; fix config.json "
+            "(or download the checkpoint again)."
+        )
+    return number
+
+
+def _real(raw: dict[str, Any], key: str, source: str, default: float, sign: str = "") -> float:
+    """A finite number field (`sign`: "positive", "non-negative" or any); errors name it."""
+    value = raw.get(key)
+    if value is None:
+        return default
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if (
+        not math.isfinite(number)
+        or (sign == "positive" and number <= 0)
+        or (sign == "non-negative" and number < 0)
+    ):
+        raise ValueError(
+            f"{source}: field {key} must be a finite {sign + ' ' if sign else ''}number, got "
+            f"{value!r}; fix config.json (or download the checkpoint again)."
+        )
+    return number
+
+
+def token_ids(value: Any, where: str) -> tuple[int, ...]:
+    """Token ids from an int, a list of ints or None; `where` names the field in errors."""
     if value is None:
         return ()
-    if isinstance(value, int):
-        return (value,)
-    return tuple(int(v) for v in value)
+    values = value if isinstance(value, list | tuple) else [value]
+    ids = [_as_int(v) if not isinstance(v, str) else None for v in values]
+    if any(i is None or i < 0 for i in ids):
+        raise ValueError(
+            f"{where} must be a token id (an integer >= 0) or a list of them, got {value!r}; "
+            "token ids are numbers, not token strings (look the id up with the tokenizer's "
+            "convert_tokens_to_ids)."
+        )
+    return tuple(ids)
 
 
 def _read_rope(raw: dict[str, Any], max_positions: int, source: str) -> RopeConfig:
     """RoPE from `rope_theta` + `rope_scaling` (transformers 4.x) or `rope_parameters` (5.x)."""
-    params = dict(raw.get("rope_parameters") or {})
+    params = raw.get("rope_parameters") or {}
     scaling = raw.get("rope_scaling") or {}
+    for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if not isinstance(value, dict):
+            raise ValueError(f"{source}: field {key} must be a JSON object, got {value!r}.")
     params = {**scaling, **params}
-    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    theta = _real(raw, "rope_theta", source, 10000.0, "positive")
+    theta = _real(params, "rope_theta", source, theta, "positive")
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(
             f"{source}: unsupported rope type: rope_type={rope_type!r}; msn supports "
             f"{', '.join(map(repr, SUPPORTED_ROPE_TYPES))}."
         )
-    factor = float(params.get("factor", 1.0))
+    factor = _real(params, "factor", source, 1.0)
     if rope_type != "default" and factor <= 0:
         raise ValueError(f"{source}: rope scaling factor must be positive, got {factor}.")
     original = params.get("original_max_position_embeddings")
+    if original is not None:
+        original = _integer(params, "original_max_position_embeddings", source)
     if rope_type == "dynamic":
         # transformers' dynamic NTK scaling grows from max_position_embeddings, whatever the
         # rope settings say.
@@ -162,7 +236,7 @@ def _read_rope(raw: dict[str, Any], max_positions: int, source: str) -> RopeConf
         theta=theta,
         type=rope_type,
         factor=factor if rope_type != "default" else 1.0,
-        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        low_freq_factor=_real(params, "low_freq_factor", source, 1.0),
+        high_freq_factor=_real(params, "high_freq_factor", source, 4.0),
         original_max_position_embeddings=None if original is None else int(original),
     )

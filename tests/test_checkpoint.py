@@ -160,9 +160,11 @@ def test_hub_id_offline_says_what_to_download(monkeypatch):
         raise huggingface_hub.errors.LocalEntryNotFoundError("offline mode, not in the cache")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(FileNotFoundError, match="huggingface-cli download DecoderImmortal/") as e:
+    with pytest.raises(FileNotFoundError, match="hf download DecoderImmortal/") as e:
         msn.load_model("DecoderImmortal/Llama3-8B-MSN")
     assert "could not be fetched" in str(e.value) and "LocalEntryNotFoundError" in str(e.value)
+    # current huggingface_hub installs the `hf` command; `huggingface-cli` is gone
+    assert "huggingface-cli" not in str(e.value)
 
 
 def test_bad_dtype(checkpoint):
