@@ -25,11 +25,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from msn.acceptance import AcceptanceStats, acceptance_stats
+from msn.auto_decoder import AutoTreeDecoder
+from msn.latency import LatencyProfile, latency_profile
 from msn.retrieval import NgramIndex
 from msn.tree import JACOBI, TreeSpec, chain_tree, paper_tree, parse_tree
 from msn_kernels import greedy_verify
 
 METHODS = ("greedy", "jacobi", "tr-jacobi")
+AUTO = "auto"
 JACOBI_DEPTH = 5
 RETRIEVAL_NGRAM = 3
 
@@ -44,6 +48,9 @@ class GenerationResult:
     decode_seconds: float
     stop_reason: str  # "eos", "max_new_tokens" or "context"
     method: str = ""
+    # The tree used: name, nodes and depth (mean and commonest shapes for "auto"), and its
+    # step time (predicted by the latency profile where one was used, and measured).
+    tree: dict | None = None
 
     @property
     def total_seconds(self) -> float:
@@ -100,15 +107,21 @@ def generate(
     tree: TreeSpec | str | None = None,
     retrieval: bool = True,
     seed: int = 0,
+    latency: LatencyProfile | None = None,
+    acceptance: AcceptanceStats | None = None,
 ) -> GenerationResult:
     """Decode up to `max_new_tokens` new tokens after `input_ids` ([1, L] or a list of ints).
 
     `method`: "greedy" (plain autoregressive), "jacobi" (one chain of guesses, no retrieval)
-    or "tr-jacobi" (a token tree; `tree` picks it, paper mode by default; `retrieval=False`
-    drops its n-gram retrieval chain). `eos_token_id`: an int, a list, or None for the
-    checkpoint's own; an empty list decodes exactly `max_new_tokens`. `streamer` follows the
-    transformers protocol (`put` the prompt, then each accepted chunk; `end`). `seed` fixes
-    the random context tokens that fill empty tree slots (the output never depends on it).
+    or "tr-jacobi" (a token tree; `tree` picks it: "auto" by default, else "paper", a short
+    name or a `TreeSpec`; `retrieval=False` drops its n-gram retrieval chain). `tree="auto"`
+    builds each step's tree from `latency` (default: this model's cached profile, measured on
+    first use, see `msn.latency`) and `acceptance` (default: the model's running statistics,
+    see `msn.acceptance`), which it updates as it decodes. `eos_token_id`: an int, a list,
+    or None for the checkpoint's own; an empty list decodes exactly `max_new_tokens`.
+    `streamer` follows the transformers protocol (`put` the prompt, then each accepted chunk;
+    `end`). `seed` fixes the random context tokens that fill empty tree slots (the output
+    never depends on it).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
@@ -124,13 +137,20 @@ def generate(
         )
     eos_ids = _eos_ids(model, eos_token_id)
     decoder_tree = _tree_for(method, tree, retrieval)
+    auto = decoder_tree == AUTO
+    if auto:
+        latency = latency or latency_profile(model)
+        acceptance = acceptance if acceptance is not None else acceptance_stats(model)
     if streamer is not None:
         streamer.put(prompt.cpu())
 
     device = model.device
     start = time.perf_counter()
     # The cache covers what this call can need: the prompt, the output and one tree.
-    tree_size = 1 if decoder_tree is None else decoder_tree.num_nodes
+    if auto:
+        tree_size = min(latency.max_tokens, AutoTreeDecoder.default_max_nodes)
+    else:
+        tree_size = 1 if decoder_tree is None else decoder_tree.num_nodes
     capacity = min(limit, prompt.shape[1] + max_new_tokens + tree_size)
     model.setup_cache(1, capacity)
     logits = model(prompt.to(device), last_only=True)
@@ -141,13 +161,19 @@ def generate(
     stopper = _Stopper(eos_ids, max_new_tokens)
     output = prompt[0].tolist()
     accept_lengths: list[int] = []
+    decoder = None
     start = time.perf_counter()
     if max_new_tokens > 0:
         _emit(stopper.cut([first]), output, streamer)
         if decoder_tree is None:
             _greedy_loop(model, output, prompt.shape[1], stopper, accept_lengths, streamer, limit)
         else:
-            decoder = TreeDecoder(model, decoder_tree, output, seed=seed)
+            if auto:
+                decoder = AutoTreeDecoder(
+                    model, output, latency, acceptance, retrieval, max_nodes=tree_size, seed=seed
+                )
+            else:
+                decoder = TreeDecoder(model, decoder_tree, output, seed=seed)
             while stopper.reason is None:
                 if len(output) > limit:
                     stopper.reason = "context"
@@ -179,7 +205,28 @@ def generate(
         decode_seconds=decode_seconds,
         stop_reason=stopper.reason,
         method=method,
+        tree=_tree_report(decoder_tree, decoder, tree, accept_lengths, decode_seconds),
     )
+
+
+def _tree_report(decoder_tree, decoder, requested, accept_lengths, decode_seconds) -> dict:
+    """Which tree a call used, for `msn generate` and `msn bench`."""
+    steps = len(accept_lengths)
+    if decoder_tree is None:
+        info = {"tree": "none (greedy)", "mean_nodes": 1.0, "max_depth": 0}
+    elif isinstance(decoder, AutoTreeDecoder):
+        info = decoder.summary(steps)
+    else:
+        name = requested if isinstance(requested, str) else None
+        if name is None:
+            name = "paper" if decoder_tree == paper_tree() else "custom"
+        info = {
+            "tree": name,
+            "mean_nodes": float(decoder_tree.num_nodes),
+            "max_depth": decoder_tree.max_depth,
+        }
+    info["measured_step_ms"] = round(1e3 * decode_seconds / steps, 2) if steps else None
+    return info
 
 
 def _emit(chunk: list[int], output: list[int], streamer) -> None:
@@ -216,8 +263,10 @@ def _eos_ids(model, eos_token_id: int | Sequence[int] | Tensor | None) -> tuple[
         ) from error
 
 
-def _tree_for(method: str, tree: TreeSpec | str | None, retrieval: bool) -> TreeSpec | None:
-    """The tree a method decodes with; None for plain greedy decoding."""
+def _tree_for(
+    method: str, tree: TreeSpec | str | None, retrieval: bool
+) -> TreeSpec | str | None:
+    """The tree a method decodes with: a TreeSpec, AUTO, or None for plain greedy decoding."""
     if method == "greedy":
         return None
     if method == "jacobi":
@@ -227,9 +276,10 @@ def _tree_for(method: str, tree: TreeSpec | str | None, retrieval: bool) -> Tree
                 "method='tr-jacobi' with tree=... (and retrieval=False for no retrieval)."
             )
         return chain_tree(JACOBI_DEPTH)
+    if tree is None or tree == AUTO:
+        return AUTO
     if isinstance(tree, str):
         tree = parse_tree(tree)
-    tree = tree or paper_tree()
     return tree if retrieval else tree.without_retrieval()
 
 

@@ -67,12 +67,38 @@ class NgramIndex:
 
     def lookup(self, draft_len: int | None = None) -> list[int]:
         """Up to ``draft_len`` tokens that followed the longest earlier-matching suffix."""
+        return self.match(draft_len)[0]
+
+    def match(self, draft_len: int | None = None) -> tuple[list[int], int]:
+        """The draft of ``lookup`` and the length of the suffix match behind it (0: none).
+
+        The match length is the draft's confidence: a 3-token match predicts better than a
+        1-token one.
+        """
         draft_len = self.draft_len if draft_len is None else draft_len
         for n in range(self.max_ngram, 0, -1):
             end = self._earlier[n - 1]
             if end >= 0:
-                return self._tokens[end + 1 : end + 1 + draft_len]
-        return []
+                return self._tokens[end + 1 : end + 1 + draft_len], n
+        return [], 0
+
+    def matches(self, draft_len: int | None = None) -> list[tuple[list[int], int]]:
+        """One draft per suffix length that occurred before, longest match first.
+
+        Shorter suffixes may have occurred more recently elsewhere and continue differently:
+        each is an alternative chain (drafts repeating an earlier one are left out).
+        """
+        draft_len = self.draft_len if draft_len is None else draft_len
+        found: list[tuple[list[int], int]] = []
+        ends: set[int] = set()
+        for n in range(self.max_ngram, 0, -1):
+            end = self._earlier[n - 1]
+            if end >= 0 and end not in ends:
+                ends.add(end)
+                draft = self._tokens[end + 1 : end + 1 + draft_len]
+                if draft and all(draft != other for other, _ in found):
+                    found.append((draft, n))
+        return found
 
 
 def brute_force_lookup(context: Sequence[int], max_ngram: int = 3, draft_len: int = 5) -> list[int]:

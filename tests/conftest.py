@@ -74,6 +74,18 @@ def save_tiny_llama(path, tokenizer=None, seed: int = 0, **config_overrides):
     return model
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _msn_measurements_in_tmp(tmp_path_factory):
+    """Latency profiles and acceptance statistics of test models stay out of ~/.cache/msn."""
+    import msn.latency
+
+    cache = tmp_path_factory.mktemp("msn-cache")
+    patch = pytest.MonkeyPatch()
+    patch.setattr(msn.latency, "cache_dir", lambda: cache)
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A directory with a tiny random Llama checkpoint and a chat-template tokenizer."""

@@ -12,6 +12,8 @@ from types import SimpleNamespace
 
 import torch
 
+from msn.latency import LatencyProfile
+
 
 class ScriptedModel:
     def __init__(
@@ -27,6 +29,9 @@ class ScriptedModel:
         self.max_seq_len = max_seq_len
         self.slots: list[int | None] = []
         self.forward_calls = 0
+        # tree="auto" reads this instead of timing the model: steps cost the same up to 8
+        # tokens, then grow (a stated curve; tests never depend on timings).
+        self.latency_profile = LatencyProfile.synthetic(0.01, 8, 0.001)
 
     def setup_cache(self, batch_size: int = 1, max_seq_len: int | None = None) -> None:
         self.slots = [None] * (max_seq_len or self.max_seq_len)

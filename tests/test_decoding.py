@@ -9,7 +9,8 @@ from scripted_model import PROMPT, ScriptedModel, by_position, increasing, laggi
 from transformers import LlamaForCausalLM
 
 import msn
-from msn.tree import chain_tree, comb_tree, paper_tree
+from msn.acceptance import AcceptanceStats
+from msn.tree import chain_tree, comb_tree
 
 NEW_TOKENS = 40
 
@@ -153,7 +154,8 @@ def test_full_acceptance_along_the_chain():
     """Every guess is right: a wasted first step, then the whole chain plus the bonus token."""
     assert run(by_position, method="jacobi").accept_lengths == [1, 6] * 4
     # Paper mode's Jacobi part is 4 deep (its retrieval finds nothing in increasing text).
-    assert run(by_position, max_new_tokens=25, method="tr-jacobi").accept_lengths == [1, 5] * 4
+    paper = run(by_position, max_new_tokens=25, method="tr-jacobi", tree="paper")
+    assert paper.accept_lengths == [1, 5] * 4
     # The last chunk is cut to max_new_tokens and counted as cut.
     chain = run(by_position, max_new_tokens=25, method="tr-jacobi", tree=chain_tree(3))
     assert chain.accept_lengths == [1, 4] * 4 + [1, 3]
@@ -161,7 +163,8 @@ def test_full_acceptance_along_the_chain():
 
 def test_partial_acceptance_keeps_one_guess_per_step():
     assert run(lagging, method="jacobi").accept_lengths == [1] + [2] * 13 + [1]
-    assert run(lagging, method="tr-jacobi", retrieval=False).accept_lengths == [1] + [2] * 13 + [1]
+    paper = run(lagging, method="tr-jacobi", tree="paper", retrieval=False)
+    assert paper.accept_lengths == [1] + [2] * 13 + [1]
 
 
 def test_retrieval_accepts_whole_drafts_on_repeating_text():
@@ -172,7 +175,9 @@ def test_retrieval_accepts_whole_drafts_on_repeating_text():
         return cycle[(cycle.index(last) + 1) % len(cycle)] if last in cycle else cycle[0]
 
     model = ScriptedModel(repeat)
-    result = msn.generate(model, cycle + cycle[:2], 31, method="tr-jacobi", eos_token_id=[])
+    result = msn.generate(
+        model, cycle + cycle[:2], 31, method="tr-jacobi", tree="paper", eos_token_id=[]
+    )
     assert result.accept_lengths == [6] * 5
     chain = msn.generate(
         ScriptedModel(repeat), cycle + cycle[:2], 31, method="jacobi", eos_token_id=[]
@@ -220,7 +225,11 @@ def test_streamer_receives_prompt_then_chunks():
     assert [len(c) for c in recorder.calls[2:]] == result.accept_lengths
 
 
-def test_paper_tree_is_the_default():
-    result = run(by_position, max_new_tokens=10, method="tr-jacobi", tree=paper_tree())
-    default = run(by_position, max_new_tokens=10, method="tr-jacobi")
+def test_auto_tree_is_the_default():
+    # Fresh statistics for each: generate calls update a shared copy online.
+    result = run(by_position, 10, method="tr-jacobi", tree="auto", acceptance=AcceptanceStats())
+    default = run(by_position, 10, method="tr-jacobi", acceptance=AcceptanceStats())
     assert result.accept_lengths == default.accept_lengths
+    assert default.tree["tree"] == "auto"
+    paper = run(by_position, max_new_tokens=10, method="tr-jacobi", tree="paper")
+    assert paper.tree["tree"] == "paper" and paper.tree["mean_nodes"] == 69

@@ -1,0 +1,189 @@
+"""TR-Jacobi with ``tree="auto"``: a tree chosen afresh every step for this model and machine.
+
+One step (``AutoTreeDecoder.step``):
+1. ``msn.autotree.grow_tree`` builds the tree with the most expected tokens per second from
+   the drafts (``msn.drafts``), the acceptance statistics (``msn.acceptance``) and the latency
+   profile (``msn.latency``); a one-node tree is a plain greedy step;
+2. one forward pass over the tree (positions prefix + depth, ancestor mask), ``greedy_verify``
+   and KV compaction, as for a fixed tree;
+3. the statistics learn from every slot whose parent was accepted, and the nodes below the
+   chosen one give next step's Jacobi candidates with their probabilities.
+
+Only tokens on a verified path plus the bonus token are emitted, so whatever tree is built,
+the output is greedy decoding's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections import Counter, OrderedDict
+
+import torch
+
+from msn.acceptance import AcceptanceStats
+from msn.autotree import DEFAULT_MAX_NODES, DEFAULT_WIDTH, BuiltTree, grow_tree
+from msn.drafts import Drafts, candidate_rows
+from msn.latency import LatencyProfile
+from msn_kernels import greedy_verify
+
+RETRIEVAL_DEPTH = 8
+JACOBI_ROWS = 6  # depths of Jacobi candidates kept for the next step
+
+
+class AutoTreeDecoder:
+    """Decoding state for one prompt; same interface as ``msn.decoding.TreeDecoder``."""
+
+    default_max_nodes = DEFAULT_MAX_NODES
+
+    def __init__(
+        self,
+        model,
+        output: list[int],
+        profile: LatencyProfile,
+        stats: AcceptanceStats,
+        retrieval: bool = True,
+        max_nodes: int = DEFAULT_MAX_NODES,
+        width: int = DEFAULT_WIDTH,
+        learn: bool = True,
+        seed: int = 0,
+    ):
+        self.model = model
+        self.output = output
+        self.device = model.device
+        self.profile = profile
+        self.stats = stats
+        self.learn = learn
+        self.max_nodes = max(1, min(max_nodes, profile.max_tokens))
+        self.width = min(width, model.config.vocab_size)
+        self.cache_len = len(output) - 1
+        self.drafts = Drafts(output, RETRIEVAL_DEPTH, retrieval)
+        self.rng = random.Random(seed)
+        self._masks: OrderedDict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.capacity: int | None = None
+        # What was built, for the report: nodes and depth per step, predicted seconds.
+        self.shapes: Counter[tuple[int, int]] = Counter()
+        self.predicted_seconds = 0.0
+
+    @property
+    def num_nodes(self) -> int:
+        """The largest tree a step may build (what the cache must leave room for)."""
+        return self.max_nodes
+
+    def fits(self, capacity: int) -> bool:
+        """Whether any tree (two nodes or more) still fits the cache after the prefix."""
+        self.capacity = capacity
+        return self.cache_len + 2 <= capacity
+
+    def extend_retrieval(self, chunk: list[int]) -> None:
+        self.drafts.extend(chunk)
+
+    def build(self) -> BuiltTree:
+        """This step's tree (also used by reports and tests)."""
+        prefix = self.cache_len
+        room = self.max_nodes
+        if self.capacity is not None:
+            room = max(1, min(room, self.capacity - prefix))
+
+        def step_time(size: int) -> float:
+            return self.profile.step_time(size, prefix)
+
+        draft = self.drafts.draft()
+        if len(draft.rows) < JACOBI_ROWS:
+            # Depths without candidates get one noise slot (a random context token, as in paper
+            # mode). It is worth almost nothing itself, so it only fills slots that cost nothing
+            # (T = 2..3 on a CPU core); its logits seed next step's Jacobi candidates.
+            noise = [[(self._noise_token(), 0.0)] for _ in range(JACOBI_ROWS - len(draft.rows))]
+            draft = dataclasses.replace(draft, rows=[*draft.rows, *noise])
+        return grow_tree(self.output[-1], draft, self.stats.estimate, step_time, room, self.width)
+
+    def _noise_token(self) -> int:
+        return self.output[self.rng.randrange(len(self.output))]
+
+    def step(self) -> list[int]:
+        tree = self.build()
+        self.shapes[tree.num_nodes, tree.max_depth] += 1
+        self.predicted_seconds += tree.seconds
+        if tree.num_nodes == 1:
+            return self.greedy_step()
+        tokens = torch.tensor([tree.tokens], device=self.device)
+        mask, depths = self._mask(tree)
+        cache_lens = torch.tensor([self.cache_len], device=self.device)
+        logits = self.model(
+            tokens, positions=cache_lens[:, None] + depths[None], cache_lens=cache_lens,
+            tree_mask=mask,
+        )  # fmt: skip
+        verdict = greedy_verify(logits, tokens, tree.parents)
+        self.model.compact_cache(cache_lens, verdict.accepted_nodes)
+
+        # The Jacobi update reads the rows below the chosen node, known only after
+        # verification: the verdict comes back first, then those rows.
+        head = torch.cat([verdict.accept_len, verdict.next_token, verdict.accepted_nodes[0]])
+        head = head.tolist()
+        accept_len, next_token = head[0], head[1]
+        path = head[2 : 3 + accept_len]
+        follow = tree.continuation(path[-1])[:JACOBI_ROWS]
+        if follow:
+            top_tokens, top_probs = candidate_rows(logits[0, follow], self.width)
+            self.drafts.set_rows(
+                top_tokens.flatten().tolist(), top_probs.flatten().tolist(), self.width
+            )
+        else:
+            self.drafts.clear_rows()
+        if self.learn:
+            on_path = set(path)
+            for node in range(1, tree.num_nodes):
+                if tree.parents[node] in on_path:
+                    self.stats.record(tree.keys[node], node in on_path)
+        self.cache_len += accept_len + 1
+        return [tree.tokens[node] for node in path[1:]] + [next_token]
+
+    def greedy_step(self) -> list[int]:
+        """One plain step (a one-node tree, or the last positions of the context)."""
+        cache_lens = torch.tensor([self.cache_len], device=self.device)
+        logits = self.model(
+            torch.tensor([[self.output[-1]]], device=self.device), cache_lens=cache_lens
+        )
+        self.cache_len += 1
+        self.drafts.clear_rows()
+        return [int(logits[0, -1].argmax())]
+
+    def _mask(self, tree: BuiltTree) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ancestor mask and depths of a tree shape, cached (shapes repeat a lot)."""
+        cached = self._masks.get(tree.parents)
+        if cached is not None:
+            self._masks.move_to_end(tree.parents)
+            return cached
+        size = tree.num_nodes
+        rows = [[False] * size for _ in range(size)]
+        for node in range(size):
+            parent = tree.parents[node]
+            if parent >= 0:
+                rows[node][:node] = rows[parent][:node]
+            rows[node][node] = True
+        mask = torch.tensor(rows, dtype=torch.bool, device=self.device)
+        depths = torch.tensor(tree.depths, dtype=torch.long, device=self.device)
+        self._masks[tree.parents] = (mask, depths)
+        if len(self._masks) > 256:
+            self._masks.popitem(last=False)
+        return mask, depths
+
+    def summary(self, steps: int) -> dict:
+        """Which trees were built: mean nodes, depths, the commonest shapes, step times."""
+        built = sum(self.shapes.values())
+        if not built:
+            return {"tree": "auto", "mean_nodes": 1.0, "max_depth": 0, "mean_depth": 0.0}
+        nodes = sum(n * c for (n, _), c in self.shapes.items()) / built
+        depth = sum(d * c for (_, d), c in self.shapes.items()) / built
+        common = [
+            {"nodes": n, "depth": d, "share": round(c / built, 3)}
+            for (n, d), c in self.shapes.most_common(3)
+        ]
+        return {
+            "tree": "auto",
+            "mean_nodes": round(nodes, 2),
+            "max_depth": max(d for _, d in self.shapes),
+            "mean_depth": round(depth, 2),
+            "common_shapes": common,
+            "predicted_step_ms": round(1e3 * self.predicted_seconds / built, 2),
+        }
