@@ -333,7 +333,7 @@ def write_report(
         ],
     }
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    plot_report(rows, output_dir / "report.png")
+    plot_report(rows, output_dir / "report.png", title=plot_title(settings))
     return rows
 
 
@@ -370,7 +370,27 @@ def answers_for(records: Sequence[TurnRecord], method: str) -> list[dict[str, An
     return answers
 
 
-def plot_report(rows: Sequence[ReportRow], path: Path) -> None:
+def summarize_trees(trees: Sequence[dict]) -> str:
+    """The trees one method used over a run: nodes, depth, step time (see GenerationResult)."""
+    names = sorted({t.get("tree", "?") for t in trees})
+    nodes = sum(t.get("mean_nodes", 1.0) for t in trees) / len(trees)
+    depth = max(t.get("max_depth", 0) for t in trees)
+    text = f"{', '.join(names)}: {nodes:.2f} nodes on average, max depth {depth}"
+    for key, label in (("predicted_step_ms", "predicted"), ("measured_step_ms", "measured")):
+        values = [t[key] for t in trees if t.get(key) is not None]
+        if values:
+            text += f", {label} step {sum(values) / len(values):.1f} ms"
+    return text
+
+
+def plot_title(settings: dict[str, Any]) -> str:
+    """Model, device, dtype and thread count, for the chart."""
+    model = Path(str(settings.get("model", "?"))).name
+    keys = ("device", "dtype", "threads")
+    return f"{model}: " + ", ".join(f"{k} {settings[k]}" for k in keys if k in settings)
+
+
+def plot_report(rows: Sequence[ReportRow], path: Path, title: str | None = None) -> None:
     """Grouped bars per category: tokens per step, and speed-up (or tokens/s) per method."""
     import matplotlib
 
@@ -399,6 +419,8 @@ def plot_report(rows: Sequence[ReportRow], path: Path) -> None:
         ax.set_title(title)
         ax.axhline(1.0, color="grey", linewidth=0.8)
     axes[0].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -439,6 +461,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="model dtype (default: the checkpoint's on a GPU, float32 on the CPU)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(
+        "--baselines",
+        action="store_true",
+        help="also run transformers' own generate on the same checkpoint: greedy "
+        "(hf-greedy) and prompt lookup (hf-prompt-lookup)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -469,8 +497,21 @@ def _run(args: argparse.Namespace) -> int:
     if args.chat and not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"--chat: the tokenizer of {model_path} has no chat template")
 
+    from msn import baselines
+
+    reference = None
+    if getattr(args, "baselines", False):
+        reference = baselines.load_reference(model_path, dtype=model.dtype, device=device)
+        methods += [m for m in baselines.METHODS if m not in methods]
+    trees: dict[str, list[dict]] = {}
+
     def generate_fn(prompt: list[int], method: str, max_new_tokens: int) -> GenerationResult:
-        return msn.generate(model, prompt, max_new_tokens=max_new_tokens, **METHODS[method])
+        if method in baselines.METHODS:
+            return baselines.generate_reference(reference, prompt, max_new_tokens, method)
+        result = msn.generate(model, prompt, max_new_tokens=max_new_tokens, **METHODS[method])
+        if getattr(result, "tree", None):
+            trees.setdefault(method, []).append(result.tree)
+        return result
 
     records = run_questions(
         questions,
@@ -493,6 +534,8 @@ def _run(args: argparse.Namespace) -> int:
         "max new tokens": args.max_new_tokens,
         "chat template": "yes" if args.chat else "no",
         "turns skipped (prompt longer than the model's context)": planned - len(records),
+        "threads": torch.get_num_threads(),
+        **{f"tree ({m})": summarize_trees(t) for m, t in trees.items()},
     }
     rows = write_report(args.output, records, settings)
     print(markdown_table([r for r in rows if r.category == OVERALL]))

@@ -18,7 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=METHODS, default="tr-jacobi")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument(
-        "--tree", default="paper", help="tr-jacobi tree: paper, chain:N, comb:W1,W2,...[+rN]"
+        "--tree",
+        default="auto",
+        help="tr-jacobi tree: auto (default: chosen per step for this machine), paper, chain:N, "
+        "comb:W1,W2,...[+rN]",
     )
     parser.add_argument("--no-retrieval", action="store_true", help="tr-jacobi without n-grams")
     parser.add_argument("--compare", action="store_true", help="also run greedy and compare")
@@ -31,6 +34,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "float32 on the CPU)",
     )
     parser.add_argument("--seed", type=int, default=0)
+
+
+def describe_tree(tree: dict) -> str:
+    """One line: which tree decoded (nodes, depth) and its step time."""
+    text = f"tree {tree['tree']}: {tree['mean_nodes']:g} nodes"
+    if tree["tree"] == "auto":
+        text = f"tree auto: {tree['mean_nodes']:g} nodes on average"
+        text += f" (mean depth {tree.get('mean_depth', 0):g})"
+    text += f", max depth {tree['max_depth']}"
+    if tree.get("predicted_step_ms") is not None:
+        text += f", predicted step {tree['predicted_step_ms']:.1f} ms"
+    if tree.get("measured_step_ms") is not None:
+        text += f", measured step {tree['measured_step_ms']:.1f} ms"
+    return text
 
 
 def encode_prompt(tokenizer, text: str, chat: bool, model_path: str) -> list[int]:
@@ -102,11 +119,14 @@ def main(args: argparse.Namespace) -> int:
         "tokens_per_step": round(result.tokens_per_step, 4),
         "tokens_per_second": round(result.tokens_per_second, 2),
         "stop_reason": result.stop_reason,
+        "tree": result.tree,
     }
     print(
         f"[{args.method}] {result.new_tokens} new tokens in {result.steps} steps: "
         f"{result.tokens_per_step:.2f} tokens/step, {result.tokens_per_second:.1f} tokens/s"
     )
+    if result.tree is not None:
+        print(f"[{args.method}] {describe_tree(result.tree)}")
     if args.compare:
         greedy = generate(model, prompt, args.max_new_tokens, method="greedy", eos_token_id=eos)
         identical = torch.equal(greedy.output_ids, result.output_ids)
