@@ -17,7 +17,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
@@ -174,6 +174,8 @@ def run_questions(
     warmup: bool = True,
     progress: bool = True,
     context_len: int | None = None,
+    done: Collection[tuple[str, int | str]] = (),
+    on_answer: Callable[[str, list[TurnRecord]], None] | None = None,
 ) -> list[TurnRecord]:
     """Answer every turn of every question with every method; time each generate call.
 
@@ -181,13 +183,16 @@ def run_questions(
     them alike. ``warmup`` first runs each method once, untimed, on a short generation. A turn
     whose prompt does not fit ``context_len`` tokens is skipped with the question's later
     turns (they are longer still), so a small-context model can run the whole set.
+    ``(method, question_id)`` pairs in ``done`` are skipped (answered by an earlier run), and
+    ``on_answer(method, records)`` receives each question's answer as soon as it is complete.
     """
     from tqdm.auto import tqdm
 
-    if warmup:
+    todo = [m for m in methods if any((m, q.question_id) not in done for q in questions)]
+    if warmup and todo:
         first = [{"role": "user", "content": questions[0].turns[0]}]
         prompt = encode_prompt(tokenizer, first, chat)
-        for method in methods:
+        for method in todo:
             if context_len is None or len(prompt) < context_len:
                 generate_fn(prompt, method, min(WARMUP_TOKENS, max_new_tokens))
     records: list[TurnRecord] = []
@@ -195,9 +200,13 @@ def run_questions(
     with tqdm(total=total, desc="msn bench", unit="turn", disable=not progress) as bar:
         for question in questions:
             for method in methods:
-                records += _answer(
-                    question, method, generate_fn, tokenizer, max_new_tokens, chat, context_len
-                )
+                if (method, question.question_id) not in done:
+                    answer = _answer(
+                        question, method, generate_fn, tokenizer, max_new_tokens, chat, context_len
+                    )
+                    records += answer
+                    if on_answer is not None and answer:
+                        on_answer(method, answer)
                 bar.update(len(question.turns))
     return records
 
@@ -308,14 +317,21 @@ def markdown_table(rows: Sequence[ReportRow]) -> str:
 
 
 def write_report(
-    output_dir: Path, records: Sequence[TurnRecord], settings: dict[str, Any]
+    output_dir: Path,
+    records: Sequence[TurnRecord],
+    settings: dict[str, Any],
+    run: dict[str, Any] | None = None,
 ) -> list[ReportRow]:
-    """Write the answers, ``report.md``, ``report.png`` and ``summary.json``; return the rows."""
+    """Write the answers, ``report.md``, ``report.png`` and ``summary.json``; return the rows.
+
+    ``run`` (see ``run_identity``) is stored with every answer, so that a later run can tell
+    whether they are its own to resume.
+    """
     output_dir.mkdir(parents=True, exist_ok=True)
     for method in dict.fromkeys(r.method for r in records):
         with (output_dir / f"answers-{method}.jsonl").open("w", encoding="utf-8") as f:
             for answer in answers_for(records, method):
-                f.write(json.dumps(answer, ensure_ascii=False) + "\n")
+                f.write(json.dumps(_with_run(answer, run), ensure_ascii=False) + "\n")
     rows = aggregate(records)
     header = "\n".join(f"- {key}: {value}" for key, value in settings.items())
     (output_dir / "report.md").write_text(
@@ -333,7 +349,13 @@ def write_report(
         ],
     }
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    plot_report(rows, output_dir / "report.png", title=plot_title(settings))
+    try:
+        plot_report(rows, output_dir / "report.png", title=plot_title(settings))
+    except ImportError as err:  # no plotting backend: the tables above are the report
+        print(
+            f"msn bench: report.png not drawn ({err}); pip install matplotlib for the chart",
+            file=sys.stderr,
+        )
     return rows
 
 
@@ -368,6 +390,100 @@ def answers_for(records: Sequence[TurnRecord], method: str) -> list[dict[str, An
             }
         )
     return answers
+
+
+# -- incremental answers and resume ----------------------------------------------------------
+
+
+def run_identity(settings: dict[str, Any]) -> dict[str, Any]:
+    """What must agree for earlier answers to be resumed: model, device, dtype, lengths, chat."""
+    keys = ("model", "device", "dtype", "max new tokens", "chat template")
+    return {key: settings[key] for key in keys if key in settings}
+
+
+def _with_run(answer: dict[str, Any], run: dict[str, Any] | None) -> dict[str, Any]:
+    return answer if run is None else {**answer, "run": run}
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """Fail before any decoding when the answers and the report could not be written."""
+    probe = output_dir / ".msn-bench-write-check"
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("", encoding="utf-8")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(
+            f"--output {output_dir}: cannot write there ({err.strerror or err}); pass a "
+            "writable directory"
+        ) from err
+
+
+def append_answer(
+    output_dir: Path, method: str, records: Sequence[TurnRecord], run: dict[str, Any]
+) -> None:
+    """Append one question's answer to ``answers-<method>.jsonl`` as soon as it is complete."""
+    (answer,) = answers_for(records, method)
+    with (output_dir / f"answers-{method}.jsonl").open("a", encoding="utf-8") as f:
+        f.write(json.dumps(_with_run(answer, run), ensure_ascii=False) + "\n")
+        f.flush()
+
+
+def answer_records(answer: dict[str, Any]) -> list[TurnRecord]:
+    """The per-turn records of one answer line (the inverse of ``answers_for``)."""
+    choice = answer["choices"][0]
+    return [
+        TurnRecord(
+            method=answer["method"],
+            question_id=answer["question_id"],
+            category=answer["category"],
+            turn=turn,
+            prompt_tokens=int(choice["prompt_tokens"][turn]),
+            new_tokens=int(choice["new_tokens"][turn]),
+            steps=int(choice["decoding_steps"][turn]),
+            accept_lengths=tuple(int(n) for n in choice["accept_lengths_per_turn"][turn]),
+            wall_seconds=float(choice["wall_time"][turn]),
+            text=choice["turns"][turn],
+            stop_reason=choice["stop_reason"][turn],
+        )
+        for turn in range(len(choice["turns"]))
+    ]
+
+
+def load_answers(
+    output_dir: Path, methods: Sequence[str], run: dict[str, Any], restart: bool = False
+) -> list[TurnRecord]:
+    """Answers that an interrupted run with the same identity left in ``output_dir``.
+
+    A line cut short by the interruption is dropped (and the file rewritten without it);
+    answers of another run (other model, lengths, ...) are an error unless ``restart``, which
+    discards them all.
+    """
+    records: list[TurnRecord] = []
+    for method in methods:
+        path = output_dir / f"answers-{method}.jsonl"
+        if not path.is_file():
+            continue
+        if restart:
+            path.unlink()
+            continue
+        kept: list[str] = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                answer = json.loads(line)
+                found = answer_records(answer)
+            except (ValueError, KeyError, IndexError, TypeError):
+                continue  # an incomplete last line, or not an answer of ours
+            if answer.get("run") != run:
+                raise ValueError(
+                    f"--output {output_dir} holds answers of another run ({path.name}: "
+                    f"{answer.get('run')}, this run: {run}); pass --restart to replace them, "
+                    "or choose another --output"
+                )
+            records += found
+            kept.append(line)
+        path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+    return records
 
 
 def summarize_trees(trees: Sequence[dict]) -> str:
@@ -467,6 +583,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also run transformers' own generate on the same checkpoint: greedy "
         "(hf-greedy) and prompt lookup (hf-prompt-lookup)",
     )
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard answers already in --output (by default an interrupted run resumes)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -484,12 +605,15 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     questions = load_questions(args.questions or default_questions_path())[: args.limit]
     methods = list(dict.fromkeys(args.methods))
+    if args.model is not None and not args.model.strip():
+        raise ValueError("--model is empty; pass a checkpoint directory, or leave it out")
+    check_output_dir(args.output)  # before any decoding, not after it
 
     import torch
 
     import msn
 
-    model_path = args.model or _default_model_path(msn)
+    model_path = args.model if args.model is not None else _default_model_path(msn)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or (None if str(device).startswith("cuda") else "float32")
     model = msn.load_model(model_path, device=device, dtype=dtype)
@@ -513,7 +637,26 @@ def _run(args: argparse.Namespace) -> int:
             trees.setdefault(method, []).append(result.tree)
         return result
 
-    records = run_questions(
+    run = run_identity(
+        {
+            "model": str(model_path),
+            "device": str(device),
+            "dtype": str(getattr(model, "dtype", args.dtype)).removeprefix("torch."),
+            "max new tokens": args.max_new_tokens,
+            "chat template": "yes" if args.chat else "no",
+        }
+    )
+    wanted = {q.question_id for q in questions}
+    earlier = [
+        r for r in load_answers(args.output, methods, run, args.restart) if r.question_id in wanted
+    ]
+    if earlier:
+        print(
+            f"msn bench: resuming, {len({(r.method, r.question_id) for r in earlier})} answers "
+            f"already in {args.output} (--restart starts over)",
+            file=sys.stderr,
+        )
+    records = earlier + run_questions(
         questions,
         methods,
         generate_fn,
@@ -522,6 +665,8 @@ def _run(args: argparse.Namespace) -> int:
         chat=args.chat,
         progress=not args.no_progress,
         context_len=getattr(model, "max_seq_len", None),
+        done={(r.method, r.question_id) for r in earlier},
+        on_answer=lambda method, answer: append_answer(args.output, method, answer, run),
     )
     if not records:
         raise ValueError(f"no prompt fits the model's context of {model.max_seq_len} tokens")
@@ -537,7 +682,7 @@ def _run(args: argparse.Namespace) -> int:
         "threads": torch.get_num_threads(),
         **{f"tree ({m})": summarize_trees(t) for m, t in trees.items()},
     }
-    rows = write_report(args.output, records, settings)
+    rows = write_report(args.output, records, settings, run)
     print(markdown_table([r for r in rows if r.category == OVERALL]))
     print(f"report: {args.output / 'report.md'}")
     return 0

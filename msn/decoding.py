@@ -30,6 +30,7 @@ from msn.auto_decoder import AutoTreeDecoder
 from msn.latency import LatencyProfile, latency_profile
 from msn.retrieval import NgramIndex
 from msn.tree import JACOBI, TreeSpec, chain_tree, paper_tree, parse_tree
+from msn.validation import check_generate_inputs, check_tree
 from msn_kernels import greedy_verify
 
 METHODS = ("greedy", "jacobi", "tr-jacobi")
@@ -125,6 +126,7 @@ def generate(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    check_generate_inputs(model, input_ids, max_new_tokens, method, eos_token_id, tree)
     prompt = _prompt_tensor(input_ids)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
@@ -137,6 +139,7 @@ def generate(
         )
     eos_ids = _eos_ids(model, eos_token_id)
     decoder_tree = _tree_for(method, tree, retrieval)
+    check_tree(decoder_tree, model, prompt.shape[1], limit, max_new_tokens)
     auto = decoder_tree == AUTO
     if auto:
         latency = latency or latency_profile(model)
@@ -374,9 +377,10 @@ class TreeDecoder:
         """Candidates for one depth: the previous step's top-k, else random context tokens."""
         row = self.candidates[depth]
         if row is None:
-            row = []
+            row, seen = [], set()  # a set: a row as wide as the vocabulary stays linear
             while len(row) < self.row_size:
-                row.append(self._random_token(row))
+                row.append(self._random_token(seen))
+                seen.add(row[-1])
             self.candidates[depth] = row
         return row
 

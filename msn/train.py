@@ -20,6 +20,8 @@ import argparse
 import json
 import logging
 import math
+import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +36,16 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
+from msn.checkpoint import load_config, open_safetensors, safetensors_files
 from msn.data import MSNCollator, load_examples
 from msn.gguf import gguf_checkpoint, is_gguf
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_LENGTH = 1024
+TRAINER_STATE = "trainer_state.json"  # written last by the Trainer: marks a finished save
+LOSS_FILE = "msn_loss.json"  # the run's summed loss so far, kept with each checkpoint
+CHECKPOINT = re.compile(r"checkpoint-\d+")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,7 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--eval-data", help="held-out JSONL; its clean loss is reported at the end")
     io.add_argument("--output", required=True, help="directory for the final model and checkpoints")
     io.add_argument(
-        "--max-length", type=int, default=1024, help="truncate examples to this many tokens"
+        "--max-length",
+        type=int,
+        default=None,
+        help="truncate examples to this many tokens (default: the model's context, at most 1024)",
     )
     io.add_argument("--keep-prompt-loss", action="store_true", help="also learn the prompt tokens")
     io.add_argument(
@@ -107,15 +118,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_base_model(path: str) -> LlamaForCausalLM:
-    """A Llama-architecture causal LM in float32 (mixed precision is the Trainer's job)."""
-    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    """A Llama-architecture causal LM in float32 (mixed precision is the Trainer's job).
+
+    Only safetensors are read, as by `msn.load_model`: pickle files can run code. A local
+    directory is checked first, so a pickle-only, truncated or corrupt checkpoint, or an index
+    naming files outside it, is a clear error that names the file.
+    """
+    if not str(path).strip():
+        raise ValueError("--model is empty; pass a checkpoint directory, a .gguf file or a hub id")
+    local = Path(path).is_dir()
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except Exception as error:  # a malformed config.json fails in many ways inside transformers
+        if local:
+            load_config(Path(path))  # names the field at fault
+        raise ValueError(
+            f"{path}: cannot read its config ({type(error).__name__}: {error})"
+        ) from error
     if config.model_type != "llama":
         raise ValueError(
             f"{path} is a {config.model_type!r} model; msn train supports the Llama "
             "architecture (model_type 'llama': Llama 2/3, DeepSeek-Coder and other Llama-style "
             "checkpoints)"
         )
-    return LlamaForCausalLM.from_pretrained(path, config=config, dtype=torch.float32)
+    if local:
+        load_config(Path(path))
+        safetensors_files(Path(path))
+    return LlamaForCausalLM.from_pretrained(
+        path, config=config, dtype=torch.float32, use_safetensors=True
+    )
 
 
 def wrap_lora(model: LlamaForCausalLM, args: argparse.Namespace):
@@ -144,11 +175,132 @@ def save_merged(model, tokenizer, directory: Path) -> None:
     tokenizer.save_pretrained(directory)
 
 
+def resolve_max_length(requested: int | None, context: int) -> int:
+    """`--max-length`: the model's context (at most 1024) by default; past the context, refused."""
+    if requested is None:
+        return min(DEFAULT_MAX_LENGTH, context)
+    if requested < 2:
+        raise ValueError(f"--max-length must be at least 2, got {requested}")
+    if requested > context:
+        raise ValueError(
+            f"--max-length {requested} is longer than the model's context "
+            f"(max_position_embeddings = {context}); positions past it were never trained and "
+            f"RoPE does not extrapolate: pass --max-length {context} or less."
+        )
+    return requested
+
+
+def check_example_ids(examples: list, vocab: int, source: str | None, model: str) -> None:
+    """Every token id must index the model's embeddings (a mismatched tokenizer breaks this)."""
+    bad = sorted({t for e in examples for t in e.input_ids if not 0 <= t < vocab})
+    if bad:
+        shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
+        raise ValueError(
+            f"{source}: the tokenizer produced token id(s) outside the vocabulary of {model} "
+            f"({vocab} tokens, ids 0..{vocab - 1}): {shown}; the tokenizer does not match the "
+            "model: train with the model's own tokenizer (saved next to its config.json)."
+        )
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why a Trainer checkpoint is not complete (None when it is).
+
+    The Trainer writes trainer_state.json last, so a checkpoint without it was cut short; and
+    every weights or state file in it must be whole: safetensors headers must cover their file,
+    and torch.save files (optimizer, scheduler, RNG state) must end with their zip directory.
+    """
+    state = checkpoint / TRAINER_STATE
+    if not state.is_file():
+        return f"no {TRAINER_STATE} (the save was interrupted)"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))["global_step"]
+    except (ValueError, KeyError, TypeError) as error:
+        return f"{TRAINER_STATE} is unreadable ({error})"
+    for file in sorted(checkpoint.iterdir()):
+        if file.suffix == ".safetensors":
+            try:
+                with open_safetensors(file):
+                    pass
+            except ValueError as error:
+                return str(error)
+        elif file.suffix in (".pt", ".pth", ".bin") and not zipfile.is_zipfile(file):
+            return f"{file.name} is truncated or corrupt"
+    return None
+
+
+def last_complete_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest checkpoint-N under `checkpoints` that was fully written; skips broken ones."""
+    if not checkpoints.is_dir():
+        return None
+    numbered = [p for p in checkpoints.iterdir() if p.is_dir() and CHECKPOINT.fullmatch(p.name)]
+    for candidate in sorted(numbered, key=lambda p: int(p.name.split("-")[1]), reverse=True):
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return candidate
+        logger.warning(
+            "--resume: skipping %s, which is incomplete: %s; falling back to an earlier checkpoint",
+            candidate,
+            problem,
+        )
+    return None
+
+
+def checkpoint_loss(checkpoint: Path | None) -> tuple[int, float]:
+    """(global step, summed training loss of all steps so far) at a checkpoint; (0, 0) for none.
+
+    The sum is stored by `_MSNTrainer`; for a checkpoint without it, it is rebuilt from the
+    logged losses (each the mean over its logging interval).
+    """
+    if checkpoint is None:
+        return 0, 0.0
+    state = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
+    step = int(state["global_step"])
+    saved = checkpoint / LOSS_FILE
+    if saved.is_file():
+        try:
+            record = json.loads(saved.read_text(encoding="utf-8"))
+            if record.get("global_step") == step:
+                return step, float(record["loss_sum"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    total, previous, last = 0.0, 0, 0.0
+    for log in state.get("log_history", []):
+        if "loss" in log and log.get("step", 0) <= step:
+            total += log["loss"] * (log["step"] - previous)
+            previous, last = log["step"], log["loss"]
+    return step, total + last * (step - previous)
+
+
+class _MSNTrainer(Trainer):
+    """The Trainer, with the summed loss of the run so far stored in every checkpoint.
+
+    So a resumed run reports the mean loss of the whole run, not of its resumed part only.
+    """
+
+    loss_before = 0.0  # summed loss of the steps trained before this train() call
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        pending = getattr(self, "_tr_loss", None)
+        so_far = getattr(self, "_total_loss_scalar", None)
+        if not self.args.should_save or pending is None or so_far is None:
+            return
+        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        record = {
+            "global_step": self.state.global_step,
+            "loss_sum": self.loss_before + so_far + float(pending.item()),
+        }
+        (folder / LOSS_FILE).write_text(json.dumps(record) + "\n")
+
+
 def train(args: argparse.Namespace, callbacks: list[TrainerCallback] | None = None) -> dict:
     """Run `msn train` and return its summary (also written to OUTPUT/msn_train.json)."""
     output = Path(args.output)
     checkpoints = output / "checkpoints"
     noise_len = 0 if args.no_noise else args.noise_len
+    for flag, path in (("--data", args.data), ("--eval-data", args.eval_data)):
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"{flag} {path}: no such file; pass a JSONL file of examples")
 
     # Training arguments first: under DeepSpeed ZeRO-3 they must exist before the model is
     # loaded, so that it is partitioned as it loads instead of built whole on every rank.
@@ -179,6 +331,7 @@ def train(args: argparse.Namespace, callbacks: list[TrainerCallback] | None = No
     # Model and tokenizer (a GGUF file is converted once and read from the cache).
     model_path = str(gguf_checkpoint(args.model)) if is_gguf(args.model) else args.model
     model = load_base_model(model_path)
+    max_length = resolve_max_length(args.max_length, model.config.max_position_embeddings)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if args.lora_rank:
@@ -190,14 +343,28 @@ def train(args: argparse.Namespace, callbacks: list[TrainerCallback] | None = No
 
     # Data: clean examples; the collator noises the inputs of every batch afresh.
     mask_prompt = not args.keep_prompt_loss
-    examples = load_examples(args.data, tokenizer, args.max_length, mask_prompt, args.pair_format)
+    examples = load_examples(args.data, tokenizer, max_length, mask_prompt, args.pair_format)
+    # Held-out data is read now, so that a bad file fails before training, not after it.
+    eval_examples = None
+    if args.eval_data:
+        eval_examples = load_examples(
+            args.eval_data, tokenizer, max_length, mask_prompt, args.pair_format
+        )
+    vocab = model.config.vocab_size
+    check_example_ids(examples, vocab, args.data, model_path)
+    check_example_ids(eval_examples or [], vocab, args.eval_data, model_path)
+    if not 0 <= pad_token_id < vocab:
+        raise ValueError(
+            f"the tokenizer's padding id {pad_token_id} is outside the vocabulary of {model_path} "
+            f"({vocab} tokens); the tokenizer does not match the model."
+        )
     collator = MSNCollator(
         pad_token_id, noise_len, args.noise_fraction, args.spans,
         rank=training_args.process_index,
     )  # fmt: skip
     logger.info("%d training examples from %s", len(examples), args.data)
 
-    trainer = Trainer(
+    trainer = _MSNTrainer(
         model=model,
         args=training_args,
         data_collator=collator,
@@ -206,19 +373,31 @@ def train(args: argparse.Namespace, callbacks: list[TrainerCallback] | None = No
         callbacks=callbacks,
     )
 
-    # Train, from the last checkpoint when resuming.
-    resume_from = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-    if args.resume and resume_from is None:
-        logger.warning("--resume: no checkpoint in %s, starting from the base model", checkpoints)
-    if not args.resume and resume_from is not None:
-        logger.warning(
-            "%s holds checkpoints of an earlier run (last: %s); this run starts from the base "
-            "model and its checkpoints will mix with them: pass --resume to continue that run, "
-            "or choose a new --output",
-            checkpoints,
-            resume_from,
-        )
-    result = trainer.train(resume_from_checkpoint=resume_from if args.resume else None)
+    # Train, from the last complete checkpoint when resuming.
+    if args.resume:
+        resume_from = last_complete_checkpoint(checkpoints)
+        if resume_from is None:
+            logger.warning(
+                "--resume: no checkpoint in %s, starting from the base model", checkpoints
+            )
+    else:
+        resume_from = None
+        earlier = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+        if earlier is not None:
+            logger.warning(
+                "%s holds checkpoints of an earlier run (last: %s); this run starts from the "
+                "base model and its checkpoints will mix with them: pass --resume to continue "
+                "that run, or choose a new --output",
+                checkpoints,
+                earlier,
+            )
+    start_step, trainer.loss_before = checkpoint_loss(resume_from)
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    # The mean loss over the whole run, also when it was resumed (the Trainer reports only the
+    # steps of this call: 0.0 when a finished run is resumed).
+    steps_now = result.global_step - start_step
+    loss_sum = trainer.loss_before + result.training_loss * steps_now
+    train_loss = loss_sum / result.global_step if result.global_step else 0.0
 
     # Save the final model (or adapter) and tokenizer at the root of the output directory.
     trainer.save_model(str(output))
@@ -231,8 +410,9 @@ def train(args: argparse.Namespace, callbacks: list[TrainerCallback] | None = No
         "lora": {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": args.lora_targets}
         if args.lora_rank
         else None,
+        "max_length": max_length,
         "global_step": result.global_step,
-        "train_loss": result.training_loss,
+        "train_loss": train_loss,
         "loss_history": [
             {"step": log["step"], "loss": log["loss"]}
             for log in trainer.state.log_history
@@ -241,10 +421,7 @@ def train(args: argparse.Namespace, callbacks: list[TrainerCallback] | None = No
     }
 
     # Held-out loss on clean inputs: noise is a training device only.
-    if args.eval_data:
-        eval_examples = load_examples(
-            args.eval_data, tokenizer, args.max_length, mask_prompt, args.pair_format
-        )
+    if eval_examples is not None:
         trainer.data_collator = MSNCollator(pad_token_id, noise_len=0)
         eval_loss = trainer.evaluate(eval_examples)["eval_loss"]
         summary["eval_loss"] = eval_loss

@@ -28,6 +28,7 @@ from msn_kernels.dispatch import use_triton
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BLOCK_V = 1024
+MAX_TRITON_NODES = 1024  # larger trees are verified by the PyTorch reference
 _INT32_MAX = tl.constexpr(2**31 - 1)  # padding index, above any token id
 
 
@@ -267,6 +268,8 @@ def greedy_verify(
     """
     parents_tuple = _as_tuple(parents)
     _validate(logits, tree_tokens, parents_tuple)
-    if logits.dtype in _TRITON_DTYPES and use_triton(_argmax_partial_kernel, logits.device):
+    # The walk kernel holds (T_PAD, T_PAD) tiles, which Triton caps at 2^20 elements.
+    triton_ok = logits.dtype in _TRITON_DTYPES and logits.shape[1] <= MAX_TRITON_NODES
+    if triton_ok and use_triton(_argmax_partial_kernel, logits.device):
         return greedy_verify_triton(logits, tree_tokens, parents_tuple)
     return greedy_verify_reference(logits, tree_tokens, parents_tuple)

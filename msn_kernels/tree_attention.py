@@ -172,7 +172,7 @@ def tree_attention_reference(
     """PyTorch reference in fp32 (fp64 for fp64), one row at a time.
 
     Only positions [0, cache_lens[b] + T) are read, so stale or uninitialised cache slots past the
-    tree cannot leak in (not even as 0 * NaN).
+    tree cannot leak in (not even as 0 * NaN). A node with no visible key gets zeros.
     """
     B, Hq, T, D = q.shape
     Hkv = k_cache.shape[1]
@@ -190,7 +190,10 @@ def tree_attention_reference(
         prefix = torch.ones(T, cache_len, dtype=torch.bool, device=q.device)
         visible = torch.cat([prefix, masks[b].to(q.device)], dim=1)  # (T, n)
         scores = scores.masked_fill(~visible, float("-inf"))
-        out = torch.softmax(scores, dim=-1) @ values[:, None]  # (Hkv, G, T, D)
+        probs = torch.softmax(scores, dim=-1)
+        # A node that sees no key at all gets a zero output, as in the Triton kernel (not NaN).
+        probs = probs.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
+        out = probs @ values[:, None]  # (Hkv, G, T, D)
         rows.append(out.reshape(Hq, T, D))
     return torch.stack(rows).to(q.dtype) if rows else q.new_empty(q.shape)
 
@@ -368,7 +371,9 @@ def tree_attention(
     """Attention of T tree nodes over each row's prefix plus their visible tree nodes.
 
     q [B, Hq, T, D]; k_cache, v_cache [B, Hkv, S, D]; cache_lens [B]; tree_mask bool [T, T] or
-    [B, T, T]. Returns [B, Hq, T, D] in q's dtype. `check_lens=False` skips the bounds check of
+    [B, T, T]. Returns [B, Hq, T, D] in q's dtype. A node that sees no key at all (an empty
+    prefix and an all-False mask row) gets a zero output from both the Triton kernel and the
+    reference, never NaN. `check_lens=False` skips the bounds check of
     cache_lens, which reads the lengths back to the host (a GPU synchronisation). `num_splits`
     overrides how many programs share each row's prefix.
     """

@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument(
         "--tree",
-        default="auto",
+        default=None,
         help="tr-jacobi tree: auto (default: chosen per step for this machine), paper, chain:N, "
         "comb:W1,W2,...[+rN]",
     )
@@ -34,6 +34,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "float32 on the CPU)",
     )
     parser.add_argument("--seed", type=int, default=0)
+
+
+def check_method_options(args: argparse.Namespace) -> None:
+    """Options that only tr-jacobi reads are refused with the other methods, not ignored."""
+    if args.method != "tr-jacobi":
+        given = [
+            flag
+            for flag, value in (("--tree", args.tree), ("--no-retrieval", args.no_retrieval))
+            if value
+        ]
+        if given:
+            raise ValueError(
+                f"{' and '.join(given)} only apply to --method tr-jacobi, not {args.method} "
+                "(jacobi always decodes one chain of guesses, greedy one token per step)."
+            )
+    if args.model is not None and not args.model.strip():
+        raise ValueError(
+            "--model is empty; pass a checkpoint directory or hub id, or leave "
+            "--model out for the embedded model."
+        )
 
 
 def describe_tree(tree: dict) -> str:
@@ -94,7 +114,8 @@ class _Streamer:
 def main(args: argparse.Namespace) -> int:
     from msn import default_model_path, load_model, load_tokenizer
 
-    path = args.model or str(default_model_path())
+    check_method_options(args)
+    path = args.model if args.model is not None else str(default_model_path())
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
     tokenizer = load_tokenizer(path)
@@ -104,7 +125,8 @@ def main(args: argparse.Namespace) -> int:
     model = load_model(path, device=args.device, dtype=dtype)
     options = dict(method=args.method, seed=args.seed)
     if args.method == "tr-jacobi":
-        options.update(tree=args.tree, retrieval=not args.no_retrieval)
+        tree = args.tree if args.tree is not None else "auto"
+        options.update(tree=tree, retrieval=not args.no_retrieval)
     eos = sorted({*model.config.eos_token_ids, tokenizer.eos_token_id} - {None})
 
     result = generate(
