@@ -144,9 +144,15 @@ def load_base_model(path: str) -> LlamaForCausalLM:
     if local:
         load_config(Path(path))
         safetensors_files(Path(path))
-    return LlamaForCausalLM.from_pretrained(
-        path, config=config, dtype=torch.float32, use_safetensors=True
-    )
+    try:
+        return LlamaForCausalLM.from_pretrained(
+            path, config=config, dtype=torch.float32, use_safetensors=True
+        )
+    except OSError as error:  # e.g. a hub repository with pickle weights only
+        raise ValueError(
+            f"{path}: no safetensors weights could be loaded ({error}); msn train reads "
+            "safetensors only, since pickle files can run code."
+        ) from error
 
 
 def wrap_lora(model: LlamaForCausalLM, args: argparse.Namespace):

@@ -406,17 +406,18 @@ def test_non_float_dtypes_are_refused(tiny_checkpoint, dtype):
 
 @pytest.mark.parametrize("num_splits", [1, 2])
 def test_a_node_that_sees_no_key_gets_zeros_from_both_kernels(num_splits):
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: TRITON_INTERPRET=1
     generator = torch.Generator().manual_seed(0)
     T, D = 4, 16
-    q = torch.randn(2, 4, T, D, generator=generator)
-    k = torch.randn(2, 2, 600, D, generator=generator)
-    v = torch.randn(2, 2, 600, D, generator=generator)
-    cache_lens = torch.tensor([0, 500])  # row 0 has no prefix, row 1 a long one
-    mask = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    q = torch.randn(2, 4, T, D, generator=generator).to(device)
+    k = torch.randn(2, 2, 600, D, generator=generator).to(device)
+    v = torch.randn(2, 2, 600, D, generator=generator).to(device)
+    cache_lens = torch.tensor([0, 500], device=device)  # row 0 has no prefix, row 1 a long one
+    mask = torch.tril(torch.ones(T, T, dtype=torch.bool, device=device))
     mask[2] = False  # node 2 sees nothing: not even itself
     reference = tree_attention_reference(q, k, v, cache_lens, mask)
     triton = tree_attention_triton(q, k, v, cache_lens, mask, num_splits=num_splits)
     assert not reference.isnan().any() and not triton.isnan().any()
-    assert torch.equal(reference[0, :, 2], torch.zeros(4, D))
-    assert torch.equal(triton[0, :, 2], torch.zeros(4, D))
+    zeros = torch.zeros(4, D, device=device)
+    assert torch.equal(reference[0, :, 2], zeros) and torch.equal(triton[0, :, 2], zeros)
     torch.testing.assert_close(triton, reference, atol=1e-5, rtol=1e-5)
