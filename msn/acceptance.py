@@ -4,7 +4,8 @@ A slot's *kind* is what the decoder knows about it before the pass:
 - a Jacobi slot: its depth, its rank among the candidates of that depth, and the probability
   the model gave the candidate on the previous step (binned) - its confidence;
 - a retrieval slot: its depth on the chain and the length of the n-gram match that produced
-  the draft (1-3) - the chain's confidence.
+  the draft (1-3) - the chain's confidence - and its source: the context ("R") or the
+  model's earlier outputs ("H", see ``msn.drafts.OutputMemory``).
 
 ``AcceptanceStats`` keeps, per kind, how many slots were tried (their parent was accepted) and
 how many of those were accepted, shrunk toward a prior so that rare kinds get sensible
@@ -45,8 +46,9 @@ def jacobi_key(depth: int, rank: int, prob: float) -> SlotKey:
     return ("J", min(depth, MAX_DEPTH_KEY), min(rank, MAX_RANK_KEY), prob_bin(prob))
 
 
-def retrieval_key(depth: int, match_len: int) -> SlotKey:
-    return ("R", min(depth, MAX_DEPTH_KEY), max(1, min(match_len, MAX_MATCH_KEY)))
+def retrieval_key(depth: int, match_len: int, source: str = "R") -> SlotKey:
+    """A retrieval slot: ``source`` "R" (the context) or "H" (the output memory)."""
+    return (source, min(depth, MAX_DEPTH_KEY), max(1, min(match_len, MAX_MATCH_KEY)))
 
 
 def prior(key: SlotKey) -> float:
@@ -59,7 +61,7 @@ def prior(key: SlotKey) -> float:
     if key[0] == "J":
         return 0.6 * PROB_MIDS[key[3]]
     depth, match = key[1], key[2]
-    base = {1: 0.12, 2: 0.3, 3: 0.45}[match]
+    base = {1: 0.12, 2: 0.3, 3: 0.45}[match] * (0.7 if key[0] == "H" else 1.0)
     return min(0.9, base + (0.3 if depth >= 2 else 0.0))
 
 
@@ -147,7 +149,8 @@ def describe(key: SlotKey) -> str:
         lo = 0.0 if key[3] == 0 else PROB_EDGES[key[3] - 1]
         hi = PROB_EDGES[key[3]] if key[3] < len(PROB_EDGES) else 1.0
         return f"jacobi depth {key[1]} rank {key[2]} p in [{lo:g}, {hi:g})"
-    return f"retrieval depth {key[1]} match {key[2]}"
+    source = "retrieval" if key[0] == "R" else "output memory"
+    return f"{source} depth {key[1]} match {key[2]}"
 
 
 def model_fingerprint(model) -> str:

@@ -23,7 +23,7 @@ import torch
 
 from msn.acceptance import AcceptanceStats
 from msn.autotree import DEFAULT_MAX_NODES, DEFAULT_WIDTH, BuiltTree, grow_tree
-from msn.drafts import Drafts, candidate_rows
+from msn.drafts import Drafts, candidate_rows, output_memory
 from msn.latency import LatencyProfile
 from msn_kernels import greedy_verify
 
@@ -57,7 +57,7 @@ class AutoTreeDecoder:
         self.max_nodes = max(1, min(max_nodes, profile.max_tokens))
         self.width = min(width, model.config.vocab_size)
         self.cache_len = len(output) - 1
-        self.drafts = Drafts(output, RETRIEVAL_DEPTH, retrieval)
+        self.drafts = Drafts(output, RETRIEVAL_DEPTH, retrieval, output_memory(model))
         self.rng = random.Random(seed)
         self._masks: OrderedDict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.capacity: int | None = None

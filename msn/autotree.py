@@ -36,8 +36,9 @@ class Draft:
     """What a step can guess from: Jacobi candidates per depth and a retrieval chain."""
 
     rows: Sequence[Sequence[tuple[int, float]]] = ()  # rows[d]: (token, prob) for depth d + 1
-    # Retrieval chains, each (draft tokens depth 1 first, length of the suffix match behind it).
-    chains: Sequence[tuple[Sequence[int], int]] = ()
+    # Retrieval chains: (draft tokens depth 1 first, length of the suffix match behind it,
+    # source: "R" the context, "H" the output memory).
+    chains: Sequence[tuple[Sequence[int], int, str]] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,10 +123,10 @@ def grow_tree(
                 child_value = value * estimate(key)
                 item = (-child_value, next(order), parent, JACOBI_KIND, depth + 1, token, key)
                 heapq.heappush(heap, item)
-        for index, (chain, match_len) in enumerate(chains):
+        for index, (chain, match_len, source) in enumerate(chains):
             lineage = f"{RETRIEVAL_KIND}{index}"
             if kind in (ROOT_KIND, lineage) and depth < len(chain):
-                key = retrieval_key(depth + 1, match_len)
+                key = retrieval_key(depth + 1, match_len, source)
                 child_value = value * estimate(key)
                 item = (-child_value, next(order), parent, lineage, depth + 1, chain[depth], key)
                 heapq.heappush(heap, item)

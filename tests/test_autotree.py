@@ -20,7 +20,7 @@ def rows(depths, width, prob):
 
 
 def test_flat_curve_grows_a_big_tree_steep_curve_none():
-    draft = Draft(rows=rows(5, 8, 0.5), chains=[([7, 8, 9, 10, 11], 3)])
+    draft = Draft(rows=rows(5, 8, 0.5), chains=[([7, 8, 9, 10, 11], 3, "R")])
     stats = AcceptanceStats()
     big = grow_tree(1, draft, stats.estimate, FLAT.step_time, max_nodes=64)
     assert big.num_nodes > 20 and big.max_depth >= 4
@@ -32,7 +32,7 @@ def test_flat_curve_grows_a_big_tree_steep_curve_none():
 
 
 def test_tree_is_valid_and_values_follow_paths():
-    draft = Draft(rows=rows(4, 4, 0.3), chains=[([100, 7, 8], 2)])  # R1 repeats J(1, 0)
+    draft = Draft(rows=rows(4, 4, 0.3), chains=[([100, 7, 8], 2, "R")])  # R1 repeats J(1, 0)
     stats = AcceptanceStats()
     tree = grow_tree(5, draft, stats.estimate, FLAT.step_time, max_nodes=30)
     assert tree.parents[0] == -1 and tree.tokens[0] == 5
@@ -56,13 +56,15 @@ def test_tree_is_valid_and_values_follow_paths():
 def test_confident_slots_win():
     stats = AcceptanceStats()
     weak = grow_tree(1, Draft(rows=rows(3, 2, 0.02)), stats.estimate, CPU.step_time, 8)
-    strong = grow_tree(1, Draft(chains=[([4, 5, 6, 7, 8], 3)]), stats.estimate, CPU.step_time, 8)
+    strong = grow_tree(
+        1, Draft(chains=[([4, 5, 6, 7, 8], 3, "R")]), stats.estimate, CPU.step_time, 8
+    )
     assert strong.expected_tokens > weak.expected_tokens
     assert all(key[0] == "R" for key in strong.keys[1:])
 
 
 def test_more_slots_when_stats_say_they_pay():
-    draft = Draft(chains=[([4, 5, 6, 7, 8], 3)])
+    draft = Draft(chains=[([4, 5, 6, 7, 8], 3, "R")])
     cold = AcceptanceStats()
     hot = AcceptanceStats()
     for _ in range(200):
@@ -109,3 +111,19 @@ def test_auto_near_the_end_of_the_context():
     with pytest.warns(UserWarning, match="end of the model's context"):
         result = msn.generate(model, PROMPT, 100, eos_token_id=[], acceptance=AcceptanceStats())
     assert result.output_ids[0].tolist() == list(range(100, 125))
+
+
+def test_output_memory_recalls_earlier_outputs_within_one_output():
+    from msn.drafts import OutputMemory
+
+    memory = OutputMemory()
+    memory.begin()
+    memory.extend([1, 2, 3, 4, 5])
+    memory.begin()
+    memory.extend([9, 9])
+    assert memory.lookup([7, 2, 3], 8) == ([4, 5], 2)  # stops at the end of that output
+    assert memory.lookup([1, 2, 3], 1) == ([4], 3)  # the longest match wins
+    assert memory.lookup([8, 3, 4], 2) == ([5], 2)
+    assert memory.lookup([5, 9], 4) == ([], 0)  # 5, 9 spans two outputs: never indexed
+    memory.enabled = False
+    assert memory.lookup([7, 2, 3], 8) == ([], 0)
