@@ -3,7 +3,7 @@ PYTHON ?= python
 .PHONY: install test lint
 
 install:
-	$(PYTHON) -m pip install -e '.[dev]'
+	PYTHON=$(PYTHON) EXTRAS=dev bash scripts/install.sh
 
 ## Install the package with its test tools, then lint and run the whole suite.
 test: install

@@ -25,15 +25,17 @@ setup(
         "numpy>=1.24",
         "tqdm>=4.60",
         "matplotlib>=3.7",
+        "gguf>=0.10",
     ],
     extras_require={
-        "train": ["accelerate>=0.26"],
+        "train": ["accelerate>=0.26", "peft>=0.10"],
         "dev": [
             "pytest>=8",
             "pytest-benchmark>=4",
             "hypothesis>=6.90",
             "ruff>=0.5",
             "accelerate>=0.26",
+            "peft>=0.10",
         ],
     },
     entry_points={"console_scripts": ["msn=msn.cli:main"]},

@@ -216,17 +216,24 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--limit", type=int, default=0, help="only the first N prompts (smoke)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="weights for generation; bfloat16 is 2-3x faster on CPUs with AMX/AVX512-BF16, and "
+        "its greedy answers can part from float32's at near-ties",
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
 
-def load_hf_model(path: str):
+def load_hf_model(path: str, dtype: torch.dtype = torch.float32):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from msn.checkpoint import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(path)
-    model = LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    model = LlamaForCausalLM.from_pretrained(checkpoint, dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint, padding_side="left")
     return model, tokenizer
 
@@ -265,7 +272,7 @@ def main() -> None:
     prompts = make_prompts(args.seed)
     if args.limit:
         prompts = prompts[: args.limit]
-    model, tokenizer = load_hf_model(args.model)
+    model, tokenizer = load_hf_model(args.model, getattr(torch, args.dtype))
 
     # Answers are appended as they come (resume reads them back), then split at the end.
     answers_path = output / "answers.jsonl"
@@ -284,7 +291,8 @@ def main() -> None:
             batch = answer_batch(model, tokenizer, texts, args.max_new_tokens)
             for i, answer in zip(ids, batch, strict=True):
                 category, prompt = prompts[i]
-                done[i] = {"id": i, "category": category, "prompt": prompt, **answer}
+                done[i] = {"id": i, "category": category, "prompt": prompt, **answer,
+                           "dtype": args.dtype}  # fmt: skip
                 f.write(json.dumps(done[i]) + "\n")
             f.flush()
             bar.update(len(ids))
