@@ -48,6 +48,28 @@ def test_generate_chat(tiny_checkpoint, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["method"] == "jacobi"
 
 
+@pytest.mark.parametrize(
+    ("flag", "expect_chat"), [(None, True), ("--chat", True), ("--raw", False)]
+)
+def test_generate_uses_the_chat_template_unless_raw(
+    tiny_checkpoint, monkeypatch, flag, expect_chat
+):
+    import msn.commands.generate as generate_command
+
+    seen = []
+    original = generate_command.encode_prompt
+    monkeypatch.setattr(
+        generate_command,
+        "encode_prompt",
+        lambda tokenizer, text, chat, path: (
+            seen.append(chat) or original(tokenizer, text, chat, path)
+        ),
+    )
+    argv = ["generate", "--model", str(tiny_checkpoint), "--prompt", "hi", "--max-new-tokens", "2"]
+    assert main(argv + ([flag] if flag else [])) == 0
+    assert seen == [expect_chat]
+
+
 def test_generate_chat_without_template_is_a_clear_error(tmp_path, capsys):
     tokenizer = build_tiny_tokenizer(chat_template=None)
     save_tiny_llama(tmp_path, tokenizer)

@@ -12,9 +12,17 @@ from msn.decoding import METHODS, generate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="checkpoint directory or hub id (default: embedded model)")
+    parser.add_argument(
+        "--model", help="checkpoint directory, .gguf file or hub id (default: the default model)"
+    )
     parser.add_argument("--prompt", required=True, help="the prompt text ('-' reads stdin)")
-    parser.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    template = parser.add_mutually_exclusive_group()
+    template.add_argument(
+        "--chat",
+        action="store_true",
+        help="apply the tokenizer's chat template (the default when it has one; an error if not)",
+    )
+    template.add_argument("--raw", action="store_true", help="send the prompt text as it is")
     parser.add_argument("--method", choices=METHODS, default="tr-jacobi")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument(
@@ -120,7 +128,8 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
     tokenizer = load_tokenizer(path)
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
-    prompt = encode_prompt(tokenizer, text, args.chat, path)
+    chat = args.chat or (not args.raw and bool(getattr(tokenizer, "chat_template", None)))
+    prompt = encode_prompt(tokenizer, text, chat, path)
     dtype = args.dtype or (None if args.device.startswith("cuda") else "float32")
     model = load_model(path, device=args.device, dtype=dtype)
     options = dict(method=args.method, seed=args.seed)
