@@ -30,12 +30,12 @@ PROB_EDGES = (0.01, 0.03, 0.1, 0.2, 0.35, 0.5, 0.7, 0.85, 0.95)
 PROB_MIDS = (0.005, 0.02, 0.06, 0.15, 0.27, 0.42, 0.6, 0.77, 0.9, 0.97)
 MAX_DEPTH_KEY = 5
 MAX_RANK_KEY = 3
-MAX_MATCH_KEY = 3
+MAX_MATCH_KEY = 4
 PRIOR_WEIGHT = 4.0  # pseudo-observations behind the prior
 WINDOW = 400.0  # counts are scaled down past this many tries: estimates follow the text
-STATS_VERSION = 1
+STATS_VERSION = 2
 
-SlotKey = tuple  # ("J", depth, rank, bin) or ("R", depth, match_len)
+SlotKey = tuple  # ("J", depth, rank, bin) or ("R" | "H", depth, match_len, streak)
 
 
 def prob_bin(prob: float) -> int:
@@ -46,9 +46,12 @@ def jacobi_key(depth: int, rank: int, prob: float) -> SlotKey:
     return ("J", min(depth, MAX_DEPTH_KEY), min(rank, MAX_RANK_KEY), prob_bin(prob))
 
 
-def retrieval_key(depth: int, match_len: int, source: str = "R") -> SlotKey:
-    """A retrieval slot: ``source`` "R" (the context) or "H" (the output memory)."""
-    return (source, min(depth, MAX_DEPTH_KEY), max(1, min(match_len, MAX_MATCH_KEY)))
+def retrieval_key(depth: int, match_len: int, source: str = "R", streak: int = 0) -> SlotKey:
+    """A retrieval slot: ``source`` "R" (the context) or "H" (the output memory); ``streak``
+    1 when the previous step accepted two tokens or more (text being copied tends to go on
+    being copied)."""
+    match = max(1, min(match_len, MAX_MATCH_KEY))
+    return (source, min(depth, MAX_DEPTH_KEY), match, 1 if streak else 0)
 
 
 def prior(key: SlotKey) -> float:
@@ -60,9 +63,9 @@ def prior(key: SlotKey) -> float:
     """
     if key[0] == "J":
         return 0.6 * PROB_MIDS[key[3]]
-    depth, match = key[1], key[2]
-    base = {1: 0.12, 2: 0.3, 3: 0.45}[match] * (0.7 if key[0] == "H" else 1.0)
-    return min(0.9, base + (0.3 if depth >= 2 else 0.0))
+    depth, match, streak = key[1], key[2], key[3]
+    base = {1: 0.12, 2: 0.3, 3: 0.45, 4: 0.55}[match] * (0.7 if key[0] == "H" else 1.0)
+    return min(0.9, base + (0.3 if depth >= 2 else 0.0) + 0.1 * streak)
 
 
 @dataclasses.dataclass
@@ -150,7 +153,7 @@ def describe(key: SlotKey) -> str:
         hi = PROB_EDGES[key[3]] if key[3] < len(PROB_EDGES) else 1.0
         return f"jacobi depth {key[1]} rank {key[2]} p in [{lo:g}, {hi:g})"
     source = "retrieval" if key[0] == "R" else "output memory"
-    return f"{source} depth {key[1]} match {key[2]}"
+    return f"{source} depth {key[1]} match {key[2]}" + (" after a streak" if key[3] else "")
 
 
 def model_fingerprint(model) -> str:

@@ -25,6 +25,7 @@ from msn.acceptance import AcceptanceStats
 from msn.autotree import DEFAULT_MAX_NODES, DEFAULT_WIDTH, BuiltTree, grow_tree
 from msn.drafts import Drafts, candidate_rows, output_memory
 from msn.latency import LatencyProfile
+from msn.sampling import Sampler
 from msn_kernels import greedy_verify
 
 RETRIEVAL_DEPTH = 8
@@ -47,8 +48,10 @@ class AutoTreeDecoder:
         width: int = DEFAULT_WIDTH,
         learn: bool = True,
         seed: int = 0,
+        sampler: Sampler | None = None,
     ):
         self.model = model
+        self.sampler = sampler  # None: greedy; else draws verified on perturbed logits
         self.output = output
         self.device = model.device
         self.profile = profile
@@ -113,7 +116,10 @@ class AutoTreeDecoder:
             tokens, positions=cache_lens[:, None] + depths[None], cache_lens=cache_lens,
             tree_mask=mask,
         )  # fmt: skip
-        verdict = greedy_verify(logits, tokens, tree.parents)
+        scores = logits
+        if self.sampler is not None:
+            scores = self.sampler.perturb(logits, self.cache_len, depths, tree.max_depth)
+        verdict = greedy_verify(scores, tokens, tree.parents)
         self.model.compact_cache(cache_lens, verdict.accepted_nodes)
 
         # The Jacobi update reads the rows below the chosen node, known only after
@@ -136,6 +142,7 @@ class AutoTreeDecoder:
                 if tree.parents[node] in on_path:
                     self.stats.record(tree.keys[node], node in on_path)
         self.cache_len += accept_len + 1
+        self.drafts.streak = int(accept_len >= 2)
         return [tree.tokens[node] for node in path[1:]] + [next_token]
 
     def greedy_step(self) -> list[int]:
@@ -146,6 +153,9 @@ class AutoTreeDecoder:
         )
         self.cache_len += 1
         self.drafts.clear_rows()
+        self.drafts.streak = 0
+        if self.sampler is not None:  # the fed token sat at the cache length before this step
+            return [self.sampler.draw(logits[0, -1], self.cache_len - 1)]
         return [int(logits[0, -1].argmax())]
 
     def _mask(self, tree: BuiltTree) -> tuple[torch.Tensor, torch.Tensor]:

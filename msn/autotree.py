@@ -39,6 +39,7 @@ class Draft:
     # Retrieval chains: (draft tokens depth 1 first, length of the suffix match behind it,
     # source: "R" the context, "H" the output memory).
     chains: Sequence[tuple[Sequence[int], int, str]] = ()
+    streak: int = 0  # 1 when the previous step accepted two tokens or more
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +127,7 @@ def grow_tree(
         for index, (chain, match_len, source) in enumerate(chains):
             lineage = f"{RETRIEVAL_KIND}{index}"
             if kind in (ROOT_KIND, lineage) and depth < len(chain):
-                key = retrieval_key(depth + 1, match_len, source)
+                key = retrieval_key(depth + 1, match_len, source, draft.streak)
                 child_value = value * estimate(key)
                 item = (-child_value, next(order), parent, lineage, depth + 1, chain[depth], key)
                 heapq.heappush(heap, item)

@@ -22,7 +22,7 @@ from torch import Tensor
 from msn.autotree import Draft
 from msn.retrieval import NgramIndex
 
-RETRIEVAL_NGRAM = 3
+RETRIEVAL_NGRAM = 4  # longer matches than paper mode's 3: a stronger confidence signal
 
 
 def candidate_rows(logits: Tensor, width: int) -> tuple[Tensor, Tensor]:
@@ -96,6 +96,7 @@ class Drafts:
         memory: OutputMemory | None = None,
     ):
         self.rows: list[list[tuple[int, float]]] = []
+        self.streak = 0
         self.context = context
         self.depth = retrieval_depth
         self.index = NgramIndex(RETRIEVAL_NGRAM, retrieval_depth) if retrieval else None
@@ -127,4 +128,4 @@ class Drafts:
             recalled, n = self.memory.lookup(self.context, self.depth)
             if recalled and all(recalled != c for c, _, _ in chains):
                 chains.append((recalled, n, "H"))
-        return Draft(rows=self.rows, chains=chains)
+        return Draft(rows=self.rows, chains=chains, streak=self.streak)

@@ -10,7 +10,8 @@ from msn.acceptance import (
 
 def test_keys_and_priors():
     assert jacobi_key(9, 7, 0.99) == ("J", 5, 3, 9)
-    assert retrieval_key(1, 5) == ("R", 1, 3)
+    assert retrieval_key(1, 5) == ("R", 1, 4, 0)
+    assert retrieval_key(2, 1, "H", streak=3) == ("H", 2, 1, 1)
     assert prior(jacobi_key(1, 0, 0.99)) > prior(jacobi_key(1, 0, 0.05))
     assert prior(retrieval_key(1, 3)) > prior(retrieval_key(1, 1))
 

@@ -6,7 +6,7 @@ from conftest import save_tiny_llama
 from scripted_model import PROMPT, ScriptedModel, by_position, increasing
 
 import msn
-from msn.acceptance import AcceptanceStats
+from msn.acceptance import AcceptanceStats, retrieval_key
 from msn.autotree import Draft, grow_tree
 from msn.latency import LatencyProfile
 
@@ -69,7 +69,7 @@ def test_more_slots_when_stats_say_they_pay():
     hot = AcceptanceStats()
     for _ in range(200):
         for depth in range(1, 6):
-            hot.record(("R", depth, 3), True)
+            hot.record(retrieval_key(depth, 3), True)
     small = grow_tree(1, draft, cold.estimate, CPU.step_time, 8)
     large = grow_tree(1, draft, hot.estimate, CPU.step_time, 8)
     assert large.num_nodes > small.num_nodes
