@@ -81,15 +81,18 @@ class AutoTreeDecoder:
     def extend_retrieval(self, chunk: list[int]) -> None:
         self.drafts.extend(chunk)
 
-    def build(self) -> BuiltTree:
-        """This step's tree (also used by reports and tests)."""
+    def build(self, profile: LatencyProfile | None = None) -> BuiltTree:
+        """This step's tree; with ``profile``, the one another machine's curve would pick from
+        the same drafts and statistics (``benchmarks/auto_tree_shadow.py``)."""
+        profile = profile or self.profile
         prefix = self.cache_len
-        room = self.max_nodes
+        room = min(self.max_nodes, profile.max_tokens) if profile is not self.profile else None
+        room = room or self.max_nodes
         if self.capacity is not None:
             room = max(1, min(room, self.capacity - prefix))
 
         def step_time(size: int) -> float:
-            return self.profile.step_time(size, prefix)
+            return profile.step_time(size, prefix)
 
         draft = self.drafts.draft()
         if len(draft.rows) < JACOBI_ROWS:

@@ -269,7 +269,7 @@ def latency_profile(
     model,
     remeasure: bool = False,
     verbose: bool = False,
-    tokens: Sequence[int] = DEFAULT_TOKENS,
+    tokens: Sequence[int] | None = None,
 ) -> LatencyProfile:
     """The cached profile for ``model`` on its device, measured (a few seconds) on first use.
 
@@ -287,7 +287,7 @@ def latency_profile(
             return cached
     if verbose:
         print("msn: measuring the latency profile (a few seconds) ...", flush=True)
-    profile = LatencyProfile.measure(model, tokens=tokens)
+    profile = LatencyProfile.measure(model, tokens=tokens or DEFAULT_TOKENS)
     with contextlib.suppress(OSError):  # a read-only cache only costs a re-measurement
         profile.save(path)
     _MEMORY[path] = profile
