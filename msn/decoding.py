@@ -29,6 +29,7 @@ from msn.acceptance import AcceptanceStats, acceptance_stats
 from msn.auto_decoder import AutoTreeDecoder
 from msn.latency import LatencyProfile, latency_profile
 from msn.retrieval import NgramIndex
+from msn.sampling import Sampler, make_sampler
 from msn.tree import JACOBI, TreeSpec, chain_tree, paper_tree, parse_tree
 from msn.validation import check_generate_inputs, check_tree
 from msn_kernels import greedy_verify
@@ -107,9 +108,13 @@ def generate(
     streamer=None,
     tree: TreeSpec | str | None = None,
     retrieval: bool = True,
-    seed: int = 0,
+    seed: int | None = None,
     latency: LatencyProfile | None = None,
     acceptance: AcceptanceStats | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ) -> GenerationResult:
     """Decode up to `max_new_tokens` new tokens after `input_ids` ([1, L] or a list of ints).
 
@@ -121,8 +126,14 @@ def generate(
     see `msn.acceptance`), which it updates as it decodes. `eos_token_id`: an int, a list,
     or None for the checkpoint's own; an empty list decodes exactly `max_new_tokens`.
     `streamer` follows the transformers protocol (`put` the prompt, then each accepted chunk;
-    `end`). `seed` fixes the random context tokens that fill empty tree slots (the output
-    never depends on it).
+    `end`). `seed` fixes the random context tokens that fill empty tree slots (a greedy
+    output never depends on it; None means 0 there).
+
+    `do_sample=True` samples instead, with transformers' filters (`temperature`, then `top_k`,
+    0 = off, then `top_p`, 1 = off), and every method's output has exactly the distribution of
+    plain ancestral sampling (see `msn.sampling`). `seed` then also fixes the draws (None: one
+    from torch's global generator, so `torch.manual_seed` makes a run reproducible); the same
+    seed gives the same tokens with any method, up to floating-point near-ties.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
@@ -141,9 +152,13 @@ def generate(
     decoder_tree = _tree_for(method, tree, retrieval)
     check_tree(decoder_tree, model, prompt.shape[1], limit, max_new_tokens)
     auto = decoder_tree == AUTO
+    sampler = make_sampler(do_sample, temperature, top_k, top_p, seed, model.device)
     if auto:
         latency = latency or latency_profile(model)
-        acceptance = acceptance if acceptance is not None else acceptance_stats(model)
+        if acceptance is None:
+            # Sampled drafts are accepted less often: learn within the call, on a copy.
+            acceptance = acceptance_stats(model)
+            acceptance = acceptance if sampler is None else acceptance.copy()
     if streamer is not None:
         streamer.put(prompt.cpu())
 
@@ -157,7 +172,7 @@ def generate(
     capacity = min(limit, prompt.shape[1] + max_new_tokens + tree_size)
     model.setup_cache(1, capacity)
     logits = model(prompt.to(device), last_only=True)
-    first = int(logits[0, -1].argmax())
+    first = _pick(logits[0, -1], prompt.shape[1] - 1, sampler)
     _sync(device)
     prefill_seconds = time.perf_counter() - start
 
@@ -169,14 +184,18 @@ def generate(
     if max_new_tokens > 0:
         _emit(stopper.cut([first]), output, streamer)
         if decoder_tree is None:
-            _greedy_loop(model, output, prompt.shape[1], stopper, accept_lengths, streamer, limit)
+            _greedy_loop(
+                model, output, prompt.shape[1], stopper, accept_lengths, streamer, limit, sampler
+            )
         else:
+            draft_seed = 0 if seed is None else seed
             if auto:
                 decoder = AutoTreeDecoder(
-                    model, output, latency, acceptance, retrieval, max_nodes=tree_size, seed=seed
-                )
+                    model, output, latency, acceptance, retrieval, max_nodes=tree_size,
+                    seed=draft_seed, sampler=sampler,
+                )  # fmt: skip
             else:
-                decoder = TreeDecoder(model, decoder_tree, output, seed=seed)
+                decoder = TreeDecoder(model, decoder_tree, output, seed=draft_seed, sampler=sampler)
             while stopper.reason is None:
                 if len(output) > limit:
                     stopper.reason = "context"
@@ -286,8 +305,15 @@ def _tree_for(
     return tree if retrieval else tree.without_retrieval()
 
 
-def _greedy_loop(model, output, prompt_len, stopper, accept_lengths, streamer, limit) -> None:
-    """Plain autoregressive decoding through the same model and cache."""
+def _pick(logits: Tensor, position: int, sampler: Sampler | None) -> int:
+    """The next token after logits ``[V]`` read at ``position``: argmax, or a draw."""
+    return int(logits.argmax()) if sampler is None else sampler.draw(logits, position)
+
+
+def _greedy_loop(
+    model, output, prompt_len, stopper, accept_lengths, streamer, limit, sampler=None
+) -> None:
+    """Plain autoregressive decoding (or ancestral sampling) through the same model and cache."""
     device = model.device
     cache_len = torch.tensor([prompt_len], device=device)
     token = torch.tensor([[output[-1]]], device=device)
@@ -296,6 +322,8 @@ def _greedy_loop(model, output, prompt_len, stopper, accept_lengths, streamer, l
             stopper.reason = "context"
             break
         logits = model(token, cache_lens=cache_len)
+        if sampler is not None:
+            logits = sampler.perturb(logits[:, -1:], int(cache_len))
         token = logits[:, -1].argmax(dim=-1, keepdim=True)
         cache_len += 1
         emitted = stopper.cut([int(token)])
@@ -310,8 +338,16 @@ class TreeDecoder:
     (emitted, but its keys and values are not yet in the cache).
     """
 
-    def __init__(self, model, tree: TreeSpec, output: list[int], seed: int = 0):
+    def __init__(
+        self,
+        model,
+        tree: TreeSpec,
+        output: list[int],
+        seed: int = 0,
+        sampler: Sampler | None = None,
+    ):
         self.model = model
+        self.sampler = sampler  # None: greedy; else draws verified on perturbed logits
         self.tree = tree
         self.output = output
         self.device = model.device
@@ -403,7 +439,10 @@ class TreeDecoder:
             cache_lens=cache_lens,
             tree_mask=self.mask,
         )
-        verdict = greedy_verify(logits, tokens, self.parents)
+        scores = logits
+        if self.sampler is not None:
+            scores = self.sampler.perturb(logits, self.cache_len, self.depths, self.depth)
+        verdict = greedy_verify(scores, tokens, self.parents)
         self.model.compact_cache(cache_lens, verdict.accepted_nodes)
 
         # Jacobi update, read back with the verdict in a single transfer.
@@ -432,9 +471,10 @@ class TreeDecoder:
         logits = self.model(
             torch.tensor([[self.output[-1]]], device=self.device), cache_lens=cache_lens
         )
-        self.cache_len += 1
         self.candidates = [None] * self.depth
-        return [int(logits[0, -1].argmax())]
+        token = _pick(logits[0, -1], self.cache_len, self.sampler)
+        self.cache_len += 1
+        return [token]
 
 
 def _continuations(tree: TreeSpec) -> Tensor:
