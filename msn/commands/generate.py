@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from msn.commands import sampling
 from msn.decoding import METHODS, generate
 
 
@@ -41,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="bfloat16, float16, float32, float64 (default: the checkpoint's on a GPU, "
         "float32 on the CPU)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    sampling.add_arguments(parser)  # --do-sample --temperature --top-k --top-p --seed
 
 
 def check_method_options(args: argparse.Namespace) -> None:
@@ -123,6 +124,7 @@ def main(args: argparse.Namespace) -> int:
     from msn import default_model_path, load_model, load_tokenizer
 
     check_method_options(args)
+    sample = sampling.options(args)
     path = args.model if args.model is not None else str(default_model_path())
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
@@ -132,7 +134,7 @@ def main(args: argparse.Namespace) -> int:
     prompt = encode_prompt(tokenizer, text, chat, path)
     dtype = args.dtype or (None if args.device.startswith("cuda") else "float32")
     model = load_model(path, device=args.device, dtype=dtype)
-    options = dict(method=args.method, seed=args.seed)
+    options = dict(method=args.method, **sample)
     if args.method == "tr-jacobi":
         tree = args.tree if args.tree is not None else "auto"
         options.update(tree=tree, retrieval=not args.no_retrieval)
@@ -151,6 +153,8 @@ def main(args: argparse.Namespace) -> int:
         "tokens_per_second": round(result.tokens_per_second, 2),
         "stop_reason": result.stop_reason,
         "tree": result.tree,
+        "sampling": sampling.describe(sample),
+        "seed": sample["seed"],
     }
     print(
         f"[{args.method}] {result.new_tokens} new tokens in {result.steps} steps: "
@@ -158,8 +162,13 @@ def main(args: argparse.Namespace) -> int:
     )
     if result.tree is not None:
         print(f"[{args.method}] {describe_tree(result.tree)}")
+    if sample.get("do_sample"):
+        print(f"[{args.method}] {sampling.describe(sample)}")
     if args.compare:
-        greedy = generate(model, prompt, args.max_new_tokens, method="greedy", eos_token_id=eos)
+        # Sampling: plain sampling with the same seed draws the same tokens.
+        greedy = generate(
+            model, prompt, args.max_new_tokens, method="greedy", eos_token_id=eos, **sample
+        )
         identical = torch.equal(greedy.output_ids, result.output_ids)
         speedup = result.tokens_per_second / max(greedy.tokens_per_second, 1e-9)
         summary.update(
