@@ -31,6 +31,7 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 DEFAULT_METHODS = ("greedy", "jacobi", "tr-jacobi")
 BASELINE = "greedy"
+SAMPLED = "-sample"  # --do-sample adds "<method>-sample" beside each method
 OVERALL = "overall"
 WARMUP_TOKENS = 8
 
@@ -277,8 +278,11 @@ def aggregate(records: Sequence[TurnRecord], baseline: str = BASELINE) -> list[R
         for method in methods:
             row = totals[method]
             speedup = None
-            if base is not None and base.tokens_per_second > 0:
-                speedup = row.tokens_per_second / base.tokens_per_second
+            # Sampled methods are measured against plain sampling where it ran.
+            reference = totals.get(baseline + SAMPLED) if method.endswith(SAMPLED) else None
+            reference = reference or base
+            if reference is not None and reference.tokens_per_second > 0:
+                speedup = row.tokens_per_second / reference.tokens_per_second
             rows.append(dataclasses.replace(row, speedup=speedup))
     return rows
 
@@ -588,6 +592,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="discard answers already in --output (by default an interrupted run resumes)",
     )
+    from msn.commands import sampling
+
+    sampling.add_arguments(parser)  # --do-sample runs "<method>-sample" beside each method
 
 
 def main(args: argparse.Namespace) -> int:
@@ -622,7 +629,12 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--chat: the tokenizer of {model_path} has no chat template")
 
     from msn import baselines
+    from msn.commands import sampling
 
+    sample = sampling.options(args) if hasattr(args, "do_sample") else {}
+    sample = sample if sample.get("do_sample") else {}  # greedy methods take no seed here
+    if sample:
+        methods += [m + SAMPLED for m in methods if m in METHODS]
     reference = None
     if getattr(args, "baselines", False):
         reference = baselines.load_reference(model_path, dtype=model.dtype, device=device)
@@ -632,7 +644,10 @@ def _run(args: argparse.Namespace) -> int:
     def generate_fn(prompt: list[int], method: str, max_new_tokens: int) -> GenerationResult:
         if method in baselines.METHODS:
             return baselines.generate_reference(reference, prompt, max_new_tokens, method)
-        result = msn.generate(model, prompt, max_new_tokens=max_new_tokens, **METHODS[method])
+        options = METHODS[method.removesuffix(SAMPLED)]
+        if method.endswith(SAMPLED):
+            options = {**options, **sample}
+        result = msn.generate(model, prompt, max_new_tokens=max_new_tokens, **options)
         if getattr(result, "tree", None):
             trees.setdefault(method, []).append(result.tree)
         return result
@@ -646,6 +661,8 @@ def _run(args: argparse.Namespace) -> int:
             "chat template": "yes" if args.chat else "no",
         }
     )
+    if sample:  # answers sampled with other filters are another run's
+        run["sampling"] = sampling.describe(sample, seed=False)
     wanted = {q.question_id for q in questions}
     earlier = [
         r for r in load_answers(args.output, methods, run, args.restart) if r.question_id in wanted
@@ -680,6 +697,7 @@ def _run(args: argparse.Namespace) -> int:
         "chat template": "yes" if args.chat else "no",
         "turns skipped (prompt longer than the model's context)": planned - len(records),
         "threads": torch.get_num_threads(),
+        **({"sampling (methods named -sample)": sampling.describe(sample)} if sample else {}),
         **{f"tree ({m})": summarize_trees(t) for m, t in trees.items()},
     }
     rows = write_report(args.output, records, settings, run)

@@ -386,3 +386,32 @@ def test_cli_sampling_flag_errors(tiny_checkpoint, capsys):
     assert "only apply with --do-sample" in capsys.readouterr().err
     assert main([*base, "--do-sample", "--top-p", "2"]) == 2
     assert "top_p must be a number in [0, 1]" in capsys.readouterr().err
+
+
+def test_cli_bench_reports_sampling_beside_greedy(tiny_checkpoint, tmp_path, capsys):
+    from msn.cli import main
+
+    out = tmp_path / "bench"
+    argv = ["bench", "--model", str(tiny_checkpoint), "--limit", "2", "--max-new-tokens", "6"]
+    argv += ["--dtype", "float64", "--output", str(out), "--no-progress"]
+    argv += ["--methods", "greedy", "tr-jacobi", "--do-sample", "--temperature", "0.8"]
+    assert main([*argv, "--seed", "2"]) == 0
+    table = capsys.readouterr().out
+    for method in ("greedy", "tr-jacobi", "greedy-sample", "tr-jacobi-sample"):
+        assert f"| overall | {method} |" in table
+    report = (out / "report.md").read_text()
+    assert "temperature 0.8, top-k 0, top-p 1, seed 2" in report
+
+    def turns(method):
+        lines = (out / f"answers-{method}.jsonl").read_text().splitlines()
+        return [json.loads(line)["choices"][0]["turns"] for line in lines]
+
+    # The same seed: tr-jacobi samples the very tokens plain sampling does.
+    assert turns("tr-jacobi-sample") == turns("greedy-sample")
+    assert turns("greedy-sample") != turns("greedy")
+    summary = json.loads((out / "summary.json").read_text())
+    speedups = {r["method"]: r["speedup"] for r in summary["rows"] if r["category"] == "overall"}
+    assert speedups["greedy-sample"] == 1.0  # sampled methods against plain sampling
+    # Another temperature is another run: resuming into the same directory is refused.
+    assert main([*argv[:-1], "1.2"]) == 2
+    assert "holds answers of another run" in capsys.readouterr().err

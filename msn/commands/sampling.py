@@ -53,11 +53,12 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def describe(options: dict[str, Any]) -> str:
-    """One line for reports: the filters and the seed, or 'greedy'."""
+def describe(options: dict[str, Any], seed: bool = True) -> str:
+    """One line for reports: the filters (and the seed), or 'greedy'."""
     if not options.get("do_sample"):
         return "greedy"
-    return (
+    text = (
         f"sampling: temperature {options['temperature']:g}, top-k {options['top_k']}, "
-        f"top-p {options['top_p']:g}, seed {options['seed']}"
+        f"top-p {options['top_p']:g}"
     )
+    return text + f", seed {options['seed']}" if seed else text
