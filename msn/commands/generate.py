@@ -163,7 +163,7 @@ def main(args: argparse.Namespace) -> int:
     if result.tree is not None:
         print(f"[{args.method}] {describe_tree(result.tree)}")
     if sample.get("do_sample"):
-        print(f"[{args.method}] {sampling.describe(sample)}")
+        print(f"[{args.method}] sampling: {sampling.describe(sample)}")
     if args.compare:
         # Sampling: plain sampling with the same seed draws the same tokens.
         greedy = generate(

@@ -58,7 +58,7 @@ def describe(options: dict[str, Any], seed: bool = True) -> str:
     if not options.get("do_sample"):
         return "greedy"
     text = (
-        f"sampling: temperature {options['temperature']:g}, top-k {options['top_k']}, "
+        f"temperature {options['temperature']:g}, top-k {options['top_k']}, "
         f"top-p {options['top_p']:g}"
     )
     return text + f", seed {options['seed']}" if seed else text
