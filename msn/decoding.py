@@ -53,6 +53,8 @@ class GenerationResult:
     # The tree used: name, nodes and depth (mean and commonest shapes for "auto"), and its
     # step time (predicted by the latency profile where one was used, and measured).
     tree: dict | None = None
+    # With do_sample=True: temperature, top_k, top_p and the seed used (also when drawn).
+    sampling: dict | None = None
 
     @property
     def total_seconds(self) -> float:
@@ -228,6 +230,7 @@ def generate(
         stop_reason=stopper.reason,
         method=method,
         tree=_tree_report(decoder_tree, decoder, tree, accept_lengths, decode_seconds),
+        sampling=None if sampler is None else sampler.settings(),
     )
 
 

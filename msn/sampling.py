@@ -22,6 +22,7 @@ stream), so it never goes through the host.
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from dataclasses import dataclass
 
@@ -110,6 +111,10 @@ class Sampler:
         self.device = torch.device(device)
         self.generator = torch.Generator(device=self.device)
         self._rows: dict[int, Tensor] = {}  # position -> noise row (V,), from the oldest live
+
+    def settings(self) -> dict:
+        """The filters and the seed: what reproduces a run."""
+        return {**dataclasses.asdict(self.config), "seed": self.seed}
 
     def noise(self, position: int, count: int, vocab_size: int, dtype: torch.dtype) -> Tensor:
         """Gumbel noise of positions ``position .. position + count - 1``: ``(count, V)``.

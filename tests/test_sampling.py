@@ -313,6 +313,7 @@ def test_same_seed_same_tokens_with_every_method(peaked_llama, seed, monkeypatch
         again = msn.generate(model, prompt, 30, **method_options, **options)
         assert torch.equal(again.output_ids, result.output_ids)
     other = msn.generate(model, prompt, 30, method="greedy", **{**options, "seed": seed + 7})
+    assert greedy.sampling == dict(temperature=0.8, top_k=0, top_p=0.95, seed=seed)
     assert not torch.equal(other.output_ids, greedy.output_ids)
 
 
@@ -326,6 +327,11 @@ def test_seed_none_follows_torch_manual_seed(peaked_llama):
         )
         outputs.append(result.output_ids)
     assert torch.equal(*outputs)
+    again = msn.generate(
+        model, [1, 2, 3], 20, method="greedy", eos_token_id=[], do_sample=True,
+        seed=result.sampling["seed"],
+    )  # fmt: skip
+    assert torch.equal(again.output_ids, result.output_ids)  # the reported seed repeats it
 
 
 def test_greedy_is_unchanged_by_sampling_options(peaked_llama):
@@ -337,6 +343,7 @@ def test_greedy_is_unchanged_by_sampling_options(peaked_llama):
     assert torch.equal(plain.output_ids, ignored.output_ids)
     argmax = msn.generate(model, [1, 2, 3], 20, method="greedy", eos_token_id=[])
     assert torch.equal(plain.output_ids, argmax.output_ids)
+    assert plain.sampling is None
 
 
 def test_sampled_verification_through_the_triton_kernel(monkeypatch):
