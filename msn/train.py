@@ -322,6 +322,9 @@ def train(args: argparse.Namespace, callbacks: list[TrainerCallback] | None = No
         warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay,
         bf16=args.bf16,
+        # Without a GPU the Trainer must be told so before it accepts --bf16 (CPU autocast,
+        # which is fast on CPUs with AMX or AVX512-BF16).
+        use_cpu=not torch.cuda.is_available(),
         seed=args.seed,
         logging_steps=args.logging_steps,
         save_strategy="steps",

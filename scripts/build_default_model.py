@@ -108,7 +108,7 @@ def train_command(args, data: Path, output: Path, noise: bool) -> list[str]:
 def model_card(args, summary: dict, data_stats: dict, log: list[dict]) -> str:
     losses = summary["loss_history"]
     commands = "\n".join(f"    {entry['command']}" for entry in log)
-    cpu = sum(entry["cpu_seconds"] for entry in log)
+    cpu = sum(entry["cpu_seconds"] or 0 for entry in log)  # None: not recorded
     return f"""# msn default model: SmolLM2-135M-Instruct + MSN LoRA adapter
 
 `msn.default_model_path()` merges this adapter into SmolLM2-135M-Instruct (Apache-2.0; the

@@ -78,6 +78,13 @@ def tokens_per_step(model, prompts: list[list[int]], max_new_tokens: int) -> dic
     return rows
 
 
+def evenly_spaced(items: list, count: int) -> list:
+    if count <= 0:
+        return []
+    stride = max(len(items) // count, 1)
+    return items[::stride][:count]
+
+
 def write_report(results: dict, output: Path, settings: dict) -> str:
     names = list(results)
     header = ["", *names]
@@ -135,7 +142,10 @@ def main() -> None:
     parser.add_argument("--base", required=True, help="base checkpoint directory or .gguf")
     parser.add_argument("--model", action="append", default=[], help="NAME=ADAPTER_DIR")
     parser.add_argument("--heldout", required=True, help="held-out self-distilled JSONL")
-    parser.add_argument("--num-prompts", type=int, default=16, help="prompts for the decoders")
+    parser.add_argument(
+        "--num-prompts", type=int, default=12, help="prompts for the decoders (0: skip them)"
+    )
+    parser.add_argument("--agreement-prompts", type=int, default=48)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--output", default="benchmarks/results")
     parser.add_argument("--threads", type=int, default=2)
@@ -149,8 +159,8 @@ def main() -> None:
     examples = load_examples(args.heldout, tokenizer, max_length=512)
     records = read_jsonl(args.heldout)
     prompts = [tokenize_example(r, tokenizer)[0] for r in records]
-    stride = max(len(prompts) // args.num_prompts, 1)
-    decoder_prompts = prompts[::stride][: args.num_prompts]
+    decoder_prompts = evenly_spaced(prompts, args.num_prompts)
+    prompts = evenly_spaced(prompts, args.agreement_prompts)
 
     models = {"base": None} | dict(spec.split("=", 1) for spec in args.model)
     base = msn.load_model(args.base, dtype=torch.float32)
@@ -167,7 +177,9 @@ def main() -> None:
             "adapter": adapter,
             "loss": held_out_loss(model, examples),
             "agreement": agreement(model, prompts, answers),
-            "tokens_per_step": tokens_per_step(model, decoder_prompts, args.max_new_tokens),
+            "tokens_per_step": tokens_per_step(model, decoder_prompts, args.max_new_tokens)
+            if decoder_prompts
+            else dict.fromkeys(DECODERS, float("nan")),
         }
     settings = {
         **{k: v for k, v in vars(args).items() if k != "output"},

@@ -81,15 +81,3 @@ def test_generate_chat_without_template_is_a_clear_error(tmp_path, capsys):
 def test_missing_model_is_a_clear_error(tmp_path, capsys):
     assert main(["info", str(tmp_path / "absent")]) == 2
     assert "no checkpoint directory" in capsys.readouterr().err
-
-
-def test_generate_without_model_uses_the_embedded_one_offline(monkeypatch, capsys):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("MSN_KERNELS", "torch")
-    code = main([
-        "generate", "--prompt", "def parse(line):", "--max-new-tokens", "24",
-        "--compare", "--json",
-    ])  # fmt: skip
-    assert code == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["identical"] is True and summary["new_tokens"] > 0
