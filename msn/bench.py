@@ -566,7 +566,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="decoders to compare (default: %(default)s)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=128, help="per turn (default 128)")
-    parser.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    template = parser.add_mutually_exclusive_group()
+    template.add_argument(
+        "--chat",
+        action="store_true",
+        help="apply the tokenizer's chat template (the default when it has one; an error if not)",
+    )
+    template.add_argument("--raw", action="store_true", help="send the turns as plain text")
     parser.add_argument(
         "--output",
         type=Path,
@@ -627,6 +633,7 @@ def _run(args: argparse.Namespace) -> int:
     tokenizer = msn.load_tokenizer(model_path)
     if args.chat and not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"--chat: the tokenizer of {model_path} has no chat template")
+    args.chat = not args.raw and bool(getattr(tokenizer, "chat_template", None))
 
     from msn import baselines
     from msn.commands import sampling

@@ -350,3 +350,12 @@ def test_cli_end_to_end(tiny_checkpoint, tmp_path, capsys, monkeypatch):
         ]
     assert all(len(a["choices"][0]["turns"]) >= 1 for a in answers["greedy"])
     assert (out / "report.png").exists() and (out / "report.md").exists()
+
+
+@pytest.mark.parametrize(("flag", "expected"), [(None, "yes"), ("--raw", "no")])
+def test_cli_uses_the_chat_template_unless_raw(stub_msn, tmp_path, flag, expected):
+    out = tmp_path / "bench"
+    argv = ["bench", "--model", "stub", "--limit", "1", "--max-new-tokens", "2", "--no-progress"]
+    argv += ["--methods", "greedy", "--output", str(out)] + ([flag] if flag else [])
+    assert cli_main(argv) == 0
+    assert f"- chat template: {expected}" in (out / "report.md").read_text()
