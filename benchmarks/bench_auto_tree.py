@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--output")
+    parser.add_argument("--every", type=int, default=1, help="every Nth question (3: one each)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from msn.baselines import generate_reference, load_reference
@@ -52,7 +53,7 @@ def main() -> None:
         result.wall = time.perf_counter() - start
         return result
 
-    questions = load_questions(default_questions_path())
+    questions = load_questions(default_questions_path())[:: args.every]
     warm = encode_prompt(tokenizer, [{"role": "user", "content": "Hello!"}], True)
     for method in args.methods:
         run(method, warm)
