@@ -43,7 +43,7 @@ def test_weights_load_and_the_cache_grows_on_demand(checkpoint):
     model = msn.load_model(checkpoint, max_seq_len=200)
     assert not any(p.is_meta for p in model.parameters())
     assert model.cache is None and model.max_seq_len == 200
-    msn.generate(model, [3, 4, 5], max_new_tokens=10, method="tr-jacobi")
+    msn.generate(model, [3, 4, 5], max_new_tokens=10, method="tr-jacobi", tree="paper")
     assert model.cache.k.shape == (2, 1, 2, 3 + 10 + 69, 16)  # (layers, B, Hkv, S, D)
 
 
