@@ -87,7 +87,7 @@ def convert_gguf(gguf_file: str | os.PathLike, output: str | os.PathLike) -> Pat
     state = model.state_dict()
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # the embeddings hold it, as in HF's own checkpoints
-    state = {name: tensor.contiguous() for name, tensor in state.items()}
+    state = {key: tensor.contiguous() for key, tensor in state.items()}
     save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
     config_dict = config.to_dict()
     config_dict.pop("quantization_config", None)

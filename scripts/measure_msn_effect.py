@@ -146,6 +146,9 @@ def main() -> None:
         "--num-prompts", type=int, default=12, help="prompts for the decoders (0: skip them)"
     )
     parser.add_argument("--agreement-prompts", type=int, default=48)
+    parser.add_argument(
+        "--no-base", action="store_true", help="leave the base model out of the table"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--output", default="benchmarks/results")
     parser.add_argument("--threads", type=int, default=2)
@@ -162,7 +165,8 @@ def main() -> None:
     decoder_prompts = evenly_spaced(prompts, args.num_prompts)
     prompts = evenly_spaced(prompts, args.agreement_prompts)
 
-    models = {"base": None} | dict(spec.split("=", 1) for spec in args.model)
+    models = {} if args.no_base else {"base": None}
+    models |= dict(spec.split("=", 1) for spec in args.model)
     base = msn.load_model(args.base, dtype=torch.float32)
     answers = [
         msn.generate(base, p, args.max_new_tokens, method="greedy").output_ids[0, len(p) :]
