@@ -551,7 +551,7 @@ def plot_report(rows: Sequence[ReportRow], path: Path, title: str | None = None)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", help="checkpoint directory or hub id (default: the package's embedded model)"
+        "--model", help="checkpoint directory, .gguf file or hub id (default: the default model)"
     )
     parser.add_argument(
         "--questions",

@@ -34,7 +34,7 @@ PairFormat = Literal["auto", "chat", "plain"]
 def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str]):
     """A byte-level BPE `tokenizers.Tokenizer` trained on `texts`; specials take the first ids.
 
-    For training a small model from scratch (the embedded model, test fixtures); wrap it in a
+    For training a small model from scratch (test fixtures); wrap it in a
     `transformers.PreTrainedTokenizerFast` to use it with the rest of the library.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -61,7 +61,7 @@ def check_method_options(args: argparse.Namespace) -> None:
     if args.model is not None and not args.model.strip():
         raise ValueError(
             "--model is empty; pass a checkpoint directory or hub id, or leave "
-            "--model out for the embedded model."
+            "--model out for the default model."
         )
 
 
