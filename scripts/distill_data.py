@@ -10,7 +10,8 @@ distribution. Prompts are made offline and seeded, over eight kinds of task:
 - writing, qa, translation, maths, reasoning: templates filled from word lists and numbers;
 - summarisation and rag: paragraphs of the standard library's module documentation.
 
-Every 10th prompt is held out (`heldout.jsonl`), the rest is `train.jsonl`. Generation is
+Every 10th prompt is held out (`heldout.jsonl`), the rest is `train.jsonl`, less the answers
+that loop (more than `--max-repetition` of their word 4-grams repeated). Generation is
 batched (left padding, prompts sorted by length) and written as it goes; a rerun resumes where
 an interrupted one stopped. Answers cut at `--max-new-tokens` are marked `"truncated": true`,
 so that training does not teach the model to stop there.
@@ -208,6 +209,13 @@ def make_prompts(seed: int) -> list[tuple[str, str]]:
     return prompts
 
 
+def repetition(text: str) -> float:
+    """The share of an answer's word 4-grams that repeat an earlier one (0: none, ~1: a loop)."""
+    words = text.split()
+    grams = [tuple(words[i : i + 4]) for i in range(len(words) - 3)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="base model: checkpoint directory or .gguf")
@@ -224,6 +232,13 @@ def parse_args() -> argparse.Namespace:
         "its greedy answers can part from float32's at near-ties",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--max-repetition",
+        type=float,
+        default=1.0,
+        help="train only on answers whose repeated word 4-grams are at most this share "
+        "(default 1.0: all; the shipped adapter was built with all)",
+    )
     return parser.parse_args()
 
 
@@ -297,9 +312,16 @@ def main() -> None:
             f.flush()
             bar.update(len(ids))
 
-    splits = {"train": [], "heldout": []}
+    # Looping answers (a small model's failure mode) would teach loops: the training split
+    # leaves them out. The held-out split keeps every answer, to measure the model as it is.
+    splits, looping = {"train": [], "heldout": []}, 0
     for i in range(len(prompts)):
-        splits["heldout" if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1 else "train"].append(done[i])
+        if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1:
+            splits["heldout"].append(done[i])
+        elif repetition(done[i]["response"]) > args.max_repetition:
+            looping += 1
+        else:
+            splits["train"].append(done[i])
     for name, records in splits.items():
         with (output / f"{name}.jsonl").open("w", encoding="utf-8") as f:
             for record in records:
@@ -307,7 +329,8 @@ def main() -> None:
     truncated = sum(r["truncated"] for r in done.values())
     print(
         f"{len(splits['train'])} train and {len(splits['heldout'])} held-out examples in "
-        f"{output} ({truncated} answers cut at {args.max_new_tokens} tokens)"
+        f"{output} ({truncated} answers cut at {args.max_new_tokens} tokens; {looping} looping "
+        f"answers left out of train)"
     )
 
 
