@@ -566,13 +566,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="decoders to compare (default: %(default)s)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=128, help="per turn (default 128)")
-    template = parser.add_mutually_exclusive_group()
-    template.add_argument(
-        "--chat",
-        action="store_true",
-        help="apply the tokenizer's chat template (the default when it has one; an error if not)",
-    )
-    template.add_argument("--raw", action="store_true", help="send the turns as plain text")
+    from msn.commands import chat_template
+
+    chat_template.add_arguments(parser, raw_help="send the turns as plain text")
     parser.add_argument(
         "--output",
         type=Path,
@@ -631,9 +627,9 @@ def _run(args: argparse.Namespace) -> int:
     dtype = args.dtype or (None if str(device).startswith("cuda") else "float32")
     model = msn.load_model(model_path, device=device, dtype=dtype)
     tokenizer = msn.load_tokenizer(model_path)
-    if args.chat and not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"--chat: the tokenizer of {model_path} has no chat template")
-    args.chat = not args.raw and bool(getattr(tokenizer, "chat_template", None))
+    from msn.commands import chat_template
+
+    args.chat = chat_template.use_chat_template(args, tokenizer, model_path)
 
     from msn import baselines
     from msn.commands import sampling

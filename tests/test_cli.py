@@ -61,9 +61,7 @@ def test_generate_uses_the_chat_template_unless_raw(
     monkeypatch.setattr(
         generate_command,
         "encode_prompt",
-        lambda tokenizer, text, chat, path: (
-            seen.append(chat) or original(tokenizer, text, chat, path)
-        ),
+        lambda tokenizer, text, chat: seen.append(chat) or original(tokenizer, text, chat),
     )
     argv = ["generate", "--model", str(tiny_checkpoint), "--prompt", "hi", "--max-new-tokens", "2"]
     assert main(argv + ([flag] if flag else [])) == 0

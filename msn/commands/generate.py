@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from msn.commands import sampling
+from msn.commands import chat_template, sampling
 from msn.decoding import METHODS, generate
 
 
@@ -17,13 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", help="checkpoint directory, .gguf file or hub id (default: the default model)"
     )
     parser.add_argument("--prompt", required=True, help="the prompt text ('-' reads stdin)")
-    template = parser.add_mutually_exclusive_group()
-    template.add_argument(
-        "--chat",
-        action="store_true",
-        help="apply the tokenizer's chat template (the default when it has one; an error if not)",
-    )
-    template.add_argument("--raw", action="store_true", help="send the prompt text as it is")
+    chat_template.add_arguments(parser, raw_help="send the prompt text as it is")
     parser.add_argument("--method", choices=METHODS, default="tr-jacobi")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument(
@@ -79,15 +73,9 @@ def describe_tree(tree: dict) -> str:
     return text
 
 
-def encode_prompt(tokenizer, text: str, chat: bool, model_path: str) -> list[int]:
+def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
     if not chat:
         return tokenizer(text)["input_ids"]
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            f"the tokenizer of {model_path} has no chat template, so --chat cannot format the "
-            "prompt; drop --chat to send the raw text, or add a chat_template to its "
-            "tokenizer_config.json (or chat_template.jinja)."
-        )
     messages = [{"role": "user", "content": text}]
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(rendered, add_special_tokens=False)["input_ids"]
@@ -130,8 +118,7 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
     tokenizer = load_tokenizer(path)
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
-    chat = args.chat or (not args.raw and bool(getattr(tokenizer, "chat_template", None)))
-    prompt = encode_prompt(tokenizer, text, chat, path)
+    prompt = encode_prompt(tokenizer, text, chat_template.use_chat_template(args, tokenizer, path))
     dtype = args.dtype or (None if args.device.startswith("cuda") else "float32")
     model = load_model(path, device=args.device, dtype=dtype)
     options = dict(method=args.method, **sample)
