@@ -19,11 +19,12 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from msn.cache import load_versioned_json, msn_cache_dir, write_json_atomically
 
 # Upper edges of the confidence bins of Jacobi candidates (previous-step probability).
 PROB_EDGES = (0.01, 0.03, 0.1, 0.2, 0.35, 0.5, 0.7, 0.85, 0.95)
@@ -131,20 +132,11 @@ class AcceptanceStats:
         return cls(counts, dict(data.get("meta", {})))
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n", encoding="utf-8")
-        tmp.replace(path)
+        write_json_atomically(path, self.to_json(), indent=1)
 
     @classmethod
     def load(cls, path: Path) -> AcceptanceStats | None:
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if data.get("version") != STATS_VERSION:
-                return None
-            return cls.from_json(data)
-        except (OSError, ValueError, KeyError, TypeError, IndexError):
-            return None
+        return load_versioned_json(path, STATS_VERSION, cls.from_json)
 
 
 def describe(key: SlotKey) -> str:
@@ -172,9 +164,7 @@ def model_fingerprint(model) -> str:
 
 
 def stats_path(model) -> Path:
-    from msn.latency import cache_dir
-
-    return cache_dir() / "acceptance" / f"{model_fingerprint(model)}.json"
+    return msn_cache_dir() / "acceptance" / f"{model_fingerprint(model)}.json"
 
 
 _MEMORY: dict[str, AcceptanceStats] = {}

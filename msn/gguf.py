@@ -16,12 +16,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from msn.cache import msn_cache_dir
+
 SUPPORTED_ARCHITECTURES = ("llama",)
-
-
-def msn_cache_dir() -> Path:
-    """Where msn keeps converted and materialised checkpoints: `$MSN_CACHE` or ~/.cache/msn."""
-    return Path(os.environ.get("MSN_CACHE") or Path.home() / ".cache" / "msn").expanduser()
 
 
 def is_gguf(path: str | os.PathLike) -> bool:

@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import platform
 import time
 from collections.abc import Sequence
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from msn.cache import load_versioned_json, msn_cache_dir, write_json_atomically
 
 DEFAULT_TOKENS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
 DEFAULT_PREFIX = 256
@@ -115,21 +116,12 @@ class LatencyProfile:
         )
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
-        tmp.replace(path)
+        write_json_atomically(path, self.to_json(), indent=2)
 
     @classmethod
     def load(cls, path: Path) -> LatencyProfile | None:
         """The profile stored at ``path``, or None when missing, stale or unreadable."""
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if data.get("version") != PROFILE_VERSION:
-                return None
-            return cls.from_json(data)
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+        return load_versioned_json(path, PROFILE_VERSION, cls.from_json)
 
     # -- construction ----------------------------------------------------------------------------
 
@@ -247,11 +239,6 @@ def hardware_meta(model) -> dict[str, Any]:
     }
 
 
-def cache_dir() -> Path:
-    """`$MSN_CACHE` (default ~/.cache/msn), where msn keeps what it measures and converts."""
-    return Path(os.environ.get("MSN_CACHE") or Path.home() / ".cache" / "msn").expanduser()
-
-
 CACHE_SUBDIR = "latency"
 
 
@@ -259,7 +246,7 @@ def profile_path(model) -> Path:
     """Where the profile of this model shape / device / dtype / thread count is cached."""
     meta = hardware_meta(model)
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
-    return cache_dir() / CACHE_SUBDIR / f"{key}.json"
+    return msn_cache_dir() / CACHE_SUBDIR / f"{key}.json"
 
 
 _MEMORY: dict[Path, LatencyProfile] = {}

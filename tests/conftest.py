@@ -76,12 +76,9 @@ def save_tiny_llama(path, tokenizer=None, seed: int = 0, **config_overrides):
 
 @pytest.fixture(scope="session", autouse=True)
 def _msn_measurements_in_tmp(tmp_path_factory):
-    """Latency profiles and acceptance statistics of test models stay out of ~/.cache/msn."""
-    import msn.latency
-
-    cache = tmp_path_factory.mktemp("msn-cache")
+    """Latency profiles, acceptance statistics and conversions of tests stay out of ~/.cache/msn."""
     patch = pytest.MonkeyPatch()
-    patch.setattr(msn.latency, "cache_dir", lambda: cache)
+    patch.setenv("MSN_CACHE", str(tmp_path_factory.mktemp("msn-cache")))
     yield
     patch.undo()
 

@@ -12,8 +12,9 @@ import torch
 
 import msn
 from msn import default_model as default_model_module
+from msn.cache import msn_cache_dir
 from msn.cli import main as cli_main
-from msn.gguf import gguf_checkpoint, msn_cache_dir
+from msn.gguf import gguf_checkpoint
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 

@@ -38,7 +38,7 @@ def test_round_trip_and_plot(tmp_path):
 
 def test_measured_once_then_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("MSN_KERNELS", "torch")
-    monkeypatch.setattr(msn.latency, "cache_dir", lambda: tmp_path)
+    monkeypatch.setenv("MSN_CACHE", str(tmp_path))
     monkeypatch.setattr(msn.latency, "_MEMORY", {})
     save_tiny_llama(tmp_path / "model")
     model = msn.load_model(tmp_path / "model", dtype=torch.float32)
