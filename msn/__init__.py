@@ -4,6 +4,7 @@ from msn.checkpoint import load_model, load_tokenizer
 from msn.config import ModelConfig
 from msn.decoding import GenerationResult, generate
 from msn.default_model import default_model_path
+from msn.interop import from_transformers
 
 __version__ = "0.1.0"
 
@@ -12,6 +13,7 @@ __all__ = [
     "GenerationResult",
     "ModelConfig",
     "default_model_path",
+    "from_transformers",
     "generate",
     "load_model",
     "load_tokenizer",

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from msn.acceptance import AcceptanceStats, acceptance_stats
 from msn.auto_decoder import AutoTreeDecoder
+from msn.interop import decoding_entry
 from msn.latency import LatencyProfile, latency_profile
 from msn.retrieval import NgramIndex
 from msn.sampling import Sampler, make_sampler
@@ -101,6 +102,7 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
+@decoding_entry
 def generate(
     model,
     input_ids: Tensor | Sequence[int],
@@ -136,6 +138,11 @@ def generate(
     plain ancestral sampling (see `msn.sampling`). `seed` then also fixes the draws (None: one
     from torch's global generator, so `torch.manual_seed` makes a run reproducible); the same
     seed gives the same tokens with any method, up to floating-point near-ties.
+
+    `model` is an msn model or a transformers `LlamaForCausalLM` (decoded through
+    `msn.from_transformers`, sharing its weights). Calls on one model hold its lock
+    (`msn.interop.exclusive`) throughout: concurrent calls from several threads run one after
+    another, each with the output it would have alone.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")

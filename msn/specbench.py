@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from msn.decoding import generate
+from msn.interop import resolve_model
 
 
 def noise_forward(
@@ -30,6 +31,7 @@ def noise_forward(
     """
     if hasattr(input_ids, "keys") and "input_ids" in input_ids:
         input_ids = input_ids["input_ids"]
+    model = resolve_model(model)  # a transformers Llama model reads its config through msn's
     device = input_ids.device if isinstance(input_ids, torch.Tensor) else model.device
     eos = set(model.config.eos_token_ids)
     if getattr(tokenizer, "eos_token_id", None) is not None:
