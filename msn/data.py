@@ -233,7 +233,8 @@ class MSNCollator:
     None, from a per-batch generator seeded by torch's global one plus `rank`. The global
     generator is seeded by the Trainer and restored on resume, so the noise is reproducible;
     the rank offset gives each data-parallel process its own noise, although the Trainer seeds
-    every process alike.
+    every process alike. `clean_inputs=True` also returns the un-noised `clean_input_ids`, for
+    training against the base model's own predictions on them (`msn train --distill-from-base`).
     """
 
     def __init__(
@@ -244,6 +245,7 @@ class MSNCollator:
         num_spans: int = 1,
         generator: torch.Generator | None = None,
         rank: int = 0,
+        clean_inputs: bool = False,
     ) -> None:
         if noise_len < 0 or num_spans < 0 or not 0.0 <= noise_fraction <= 1.0:
             raise ValueError(
@@ -256,6 +258,7 @@ class MSNCollator:
         self.num_spans = num_spans
         self.generator = generator
         self.rank = rank
+        self.clean_inputs = clean_inputs
 
     def _batch_generator(self) -> torch.Generator:
         if self.generator is not None:
@@ -272,6 +275,7 @@ class MSNCollator:
             input_ids[row, : len(example.input_ids)] = torch.tensor(example.input_ids)
             labels[row, : len(example.labels)] = torch.tensor(example.labels)
         attention_mask = torch.arange(width)[None, :] < lengths[:, None]  # (B, T)
+        batch = {"clean_input_ids": input_ids} if self.clean_inputs else {}
         if self.noise_len and self.num_spans and self.noise_fraction:
             input_ids = add_noise_batch(
                 input_ids,
@@ -286,4 +290,5 @@ class MSNCollator:
             "input_ids": input_ids,
             "attention_mask": attention_mask.long(),
             "labels": labels,
+            **batch,
         }

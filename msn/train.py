@@ -37,7 +37,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from msn.checkpoint import load_config, open_safetensors, safetensors_files
-from msn.data import MSNCollator, load_examples
+from msn.data import IGNORE_INDEX, MSNCollator, load_examples
 from msn.gguf import gguf_checkpoint, is_gguf
 
 logger = logging.getLogger(__name__)
@@ -87,6 +87,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--lora-targets",
         default="all-linear",
         help="comma-separated module names (q_proj,v_proj,...) or all-linear (default)",
+    )
+    lora.add_argument(
+        "--distill-from-base",
+        action="store_true",
+        help="learn the base model's next-token distribution on the clean inputs (KL) instead "
+        "of the data's tokens: keeps the base's behaviour; needs --lora-rank",
     )
     lora.add_argument(
         "--merge",
@@ -277,13 +283,45 @@ def checkpoint_loss(checkpoint: Path | None) -> tuple[int, float]:
     return step, total + last * (step - previous)
 
 
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels):
+    """Mean KL(teacher || student) of the next-token distributions at the learned positions.
+
+    `*_logits` are `[B, T, V]` and `labels` `[B, T]` in the transformers convention: position t
+    predicts token t + 1, and labels of -100 (prompt, padding) are not learned. Computed in
+    float32, on the learned positions only, so the `[N, V]` softmaxes stay small.
+    """
+    learned = labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
+    if not learned.any():
+        return student_logits.sum() * 0.0  # keeps the graph for an all-prompt batch
+    student = student_logits[:, :-1][learned].float().log_softmax(-1)  # (N, V)
+    teacher = teacher_logits[:, :-1][learned].float().log_softmax(-1)  # (N, V)
+    return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
+
+
 class _MSNTrainer(Trainer):
     """The Trainer, with the summed loss of the run so far stored in every checkpoint.
 
     So a resumed run reports the mean loss of the whole run, not of its resumed part only.
+    With `distill_from_base`, a batch carrying `clean_input_ids` is learned from the base
+    model's predictions (the adapter switched off) on the clean tokens rather than from its
+    labels: noise then teaches only how to recover from a corrupted context, and the clean
+    behaviour stays the base's, where learning its greedy answers token by token sharpens the
+    model towards them (and towards their loops).
     """
 
     loss_before = 0.0  # summed loss of the steps trained before this train() call
+    distill_from_base = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        clean = inputs.pop("clean_input_ids", None)
+        if not self.distill_from_base or clean is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        with torch.no_grad(), self.accelerator.unwrap_model(model).disable_adapter():
+            teacher = model(input_ids=clean, attention_mask=inputs["attention_mask"]).logits
+        loss = distillation_loss(outputs.logits, teacher, labels)
+        return (loss, outputs) if return_outputs else loss
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
@@ -343,6 +381,11 @@ def train(args: argparse.Namespace, callbacks: list[TrainerCallback] | None = No
     max_length = resolve_max_length(args.max_length, model.config.max_position_embeddings)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if args.distill_from_base and not args.lora_rank:
+        raise ValueError(
+            "--distill-from-base learns from the base model with the adapter switched off, "
+            "so it needs LoRA: add --lora-rank (e.g. 16)"
+        )
     if args.lora_rank:
         model = wrap_lora(model, args)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -369,7 +412,7 @@ def train(args: argparse.Namespace, callbacks: list[TrainerCallback] | None = No
         )
     collator = MSNCollator(
         pad_token_id, noise_len, args.noise_fraction, args.spans,
-        rank=training_args.process_index,
+        rank=training_args.process_index, clean_inputs=args.distill_from_base,
     )  # fmt: skip
     logger.info("%d training examples from %s", len(examples), args.data)
 
@@ -381,6 +424,7 @@ def train(args: argparse.Namespace, callbacks: list[TrainerCallback] | None = No
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    trainer.distill_from_base = args.distill_from_base
 
     # Train, from the last complete checkpoint when resuming.
     if args.resume:
@@ -416,6 +460,7 @@ def train(args: argparse.Namespace, callbacks: list[TrainerCallback] | None = No
         "model": args.model,
         "data": args.data,
         "noise": {"noise_len": noise_len, "spans": args.spans, "fraction": args.noise_fraction},
+        "objective": "kl-to-base" if args.distill_from_base else "cross-entropy",
         "lora": {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": args.lora_targets}
         if args.lora_rank
         else None,

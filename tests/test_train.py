@@ -151,3 +151,52 @@ def test_lora_saves_an_adapter_and_a_merged_model_that_agree(tiny_checkpoint, da
         # The merged file rounds W + BA to float32 once; msn merges in float64.
         torch.testing.assert_close(adapted(ids), reference, atol=1e-6, rtol=1e-6)
         assert (base(ids) - reference).abs().max() > 1e-4  # the adapter did change the model
+
+
+def test_distillation_loss_is_the_mean_kl_at_learned_positions():
+    from msn.train import distillation_loss
+
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 5, 7, generator=generator, dtype=torch.float64)
+    teacher = torch.randn(2, 5, 7, generator=generator, dtype=torch.float64)
+    labels = torch.tensor([[-100, -100, 4, 1, -100], [-100, 2, 3, 6, 0]])
+    kls = []
+    for b in range(2):
+        for t in range(4):  # position t predicts labels[b, t + 1]
+            if labels[b, t + 1] != -100:
+                p = teacher[b, t].softmax(-1)
+                q = student[b, t].softmax(-1)
+                kls.append(float((p * (p.log() - q.log())).sum()))
+    loss = distillation_loss(student, teacher, labels)
+    assert loss.item() == pytest.approx(sum(kls) / len(kls), rel=1e-6)
+    assert distillation_loss(teacher, teacher, labels).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distilling_from_the_base_learns_only_from_noise(tiny_checkpoint, data, tmp_path):
+    """The teacher is the base model on clean inputs. The student starts equal to it (LoRA's B
+    is zero), so without noise the KL is zero from the first step; with noise it is not."""
+    import msn
+
+    ids = torch.tensor([[3, 17, 42, 99, 5, 250]])
+    base = msn.load_model(tiny_checkpoint, dtype=torch.float64)
+    first_loss = {}
+    for name, extra in (("plain", ["--no-noise"]), ("noised", ["--noise-len", "2"])):
+        output = tmp_path / name
+        args = tiny_args(
+            tiny_checkpoint, data, output, "--max-steps", "6", "--lora-rank", "4",
+            "--distill-from-base", *extra,
+        )  # fmt: skip
+        summary = train(args)
+        assert summary["objective"] == "kl-to-base"
+        first_loss[name] = summary["loss_history"][0]["loss"]
+    assert first_loss["plain"] < 1e-6
+    assert first_loss["noised"] > 1e-3
+    adapted = msn.load_model(tiny_checkpoint, dtype=torch.float64, adapter=tmp_path / "noised")
+    with torch.no_grad():
+        assert (adapted(ids) - base(ids)).abs().max() > 1e-4  # the adapter learned something
+
+
+def test_distilling_from_the_base_needs_lora(tiny_checkpoint, data, tmp_path):
+    args = tiny_args(tiny_checkpoint, data, tmp_path / "full", "--distill-from-base")
+    with pytest.raises(ValueError, match="--lora-rank"):
+        train(args)
