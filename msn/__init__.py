@@ -1,5 +1,6 @@
 """MSN: Make Some Noise fine-tuning and lossless TR-Jacobi decoding for Llama-family models."""
 
+from msn.batch_decoding import generate_batch
 from msn.checkpoint import load_model, load_tokenizer
 from msn.config import ModelConfig
 from msn.decoding import GenerationResult, generate
@@ -15,6 +16,7 @@ __all__ = [
     "default_model_path",
     "from_transformers",
     "generate",
+    "generate_batch",
     "load_model",
     "load_tokenizer",
 ]

@@ -106,10 +106,15 @@ class AutoTreeDecoder:
     def _noise_token(self) -> int:
         return self.output[self.rng.randrange(len(self.output))]
 
-    def step(self) -> list[int]:
-        tree = self.build()
+    def plan(self, profile: LatencyProfile | None = None) -> BuiltTree:
+        """This step's tree (``build``), counted in the report of the trees built."""
+        tree = self.build(profile)
         self.shapes[tree.num_nodes, tree.max_depth] += 1
         self.predicted_seconds += tree.seconds
+        return tree
+
+    def step(self) -> list[int]:
+        tree = self.plan()
         if tree.num_nodes == 1:
             return self.greedy_step()
         tokens = torch.tensor([tree.tokens], device=self.device)
@@ -132,11 +137,30 @@ class AutoTreeDecoder:
         accept_len, next_token = head[0], head[1]
         path = head[2 : 3 + accept_len]
         follow = tree.continuation(path[-1])[:JACOBI_ROWS]
+        top_tokens: list[int] = []
+        top_probs: list[float] = []
         if follow:
-            top_tokens, top_probs = candidate_rows(logits[0, follow], self.width)
-            self.drafts.set_rows(
-                top_tokens.flatten().tolist(), top_probs.flatten().tolist(), self.width
-            )
+            tokens, probs = candidate_rows(logits[0, follow], self.width)  # (rows, width) each
+            top_tokens, top_probs = tokens.flatten().tolist(), probs.flatten().tolist()
+        return self.absorb(tree, path, next_token, top_tokens, top_probs)
+
+    def absorb(
+        self,
+        tree: BuiltTree,
+        path: list[int],
+        next_token: int,
+        top_tokens: list[int],
+        top_probs: list[float],
+    ) -> list[int]:
+        """Advance past a verified step of ``tree``; returns the emitted tokens.
+
+        ``path``: the accepted nodes, root first; ``top_tokens``/``top_probs``: flat,
+        depth-major, ``width`` candidates per node of ``tree.continuation(path[-1])`` (empty
+        when it has none). Split from ``step`` so that a batched loop can verify many rows in
+        one pass.
+        """
+        if top_tokens:
+            self.drafts.set_rows(top_tokens, top_probs, self.width)
         else:
             self.drafts.clear_rows()
         if self.learn:
@@ -144,8 +168,8 @@ class AutoTreeDecoder:
             for node in range(1, tree.num_nodes):
                 if tree.parents[node] in on_path:
                     self.stats.record(tree.keys[node], node in on_path)
-        self.cache_len += accept_len + 1
-        self.drafts.streak = int(accept_len >= 2)
+        self.cache_len += len(path)
+        self.drafts.streak = int(len(path) - 1 >= 2)
         return [tree.tokens[node] for node in path[1:]] + [next_token]
 
     def greedy_step(self) -> list[int]:
@@ -154,12 +178,16 @@ class AutoTreeDecoder:
         logits = self.model(
             torch.tensor([[self.output[-1]]], device=self.device), cache_lens=cache_lens
         )
+        if self.sampler is not None:  # the fed token sits at the cache length
+            return self.absorb_single(self.sampler.draw(logits[0, -1], self.cache_len))
+        return self.absorb_single(int(logits[0, -1].argmax()))
+
+    def absorb_single(self, token: int) -> list[int]:
+        """Advance past a one-token step: no candidates for the next step."""
         self.cache_len += 1
         self.drafts.clear_rows()
         self.drafts.streak = 0
-        if self.sampler is not None:  # the fed token sat at the cache length before this step
-            return [self.sampler.draw(logits[0, -1], self.cache_len - 1)]
-        return [int(logits[0, -1].argmax())]
+        return [token]
 
     def _mask(self, tree: BuiltTree) -> tuple[torch.Tensor, torch.Tensor]:
         """The ancestor mask and depths of a tree shape, cached (shapes repeat a lot)."""

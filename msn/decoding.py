@@ -248,6 +248,8 @@ def _tree_report(decoder_tree, decoder, requested, accept_lengths, decode_second
         info = {"tree": "none (greedy)", "mean_nodes": 1.0, "max_depth": 0}
     elif isinstance(decoder, AutoTreeDecoder):
         info = decoder.summary(steps)
+    elif decoder_tree == AUTO:  # no decoder was needed (max_new_tokens=0)
+        info = {"tree": AUTO, "mean_nodes": 1.0, "max_depth": 0}
     else:
         name = requested if isinstance(requested, str) else None
         if name is None:
@@ -295,9 +297,7 @@ def _eos_ids(model, eos_token_id: int | Sequence[int] | Tensor | None) -> tuple[
         ) from error
 
 
-def _tree_for(
-    method: str, tree: TreeSpec | str | None, retrieval: bool
-) -> TreeSpec | str | None:
+def _tree_for(method: str, tree: TreeSpec | str | None, retrieval: bool) -> TreeSpec | str | None:
     """The tree a method decodes with: a TreeSpec, AUTO, or None for plain greedy decoding."""
     if method == "greedy":
         return None
@@ -465,15 +465,31 @@ class TreeDecoder:
         accept_len, next_token = packed[0], packed[1]
         path = packed[2 : 2 + accept_len + 1]
         top_rows = packed[2 + self.depth + 1 :]
+        return self.absorb(node_tokens, path, next_token, top_rows)
+
+    def absorb(
+        self, node_tokens: list[int], path: list[int], next_token: int, top_rows: list[int]
+    ) -> list[int]:
+        """Advance past a verified tree step and return the emitted tokens.
+
+        `path`: the accepted nodes, root first; `top_rows`: flat, depth-major, the top
+        `row_size` tokens at each node of `continuation[path[-1]]` (any values past the valid
+        ones). Split from `step` so that a batched loop can verify many rows in one pass.
+        """
         follow_valid = self.follow_lengths[path[-1]]
         row = self.row_size
         self.candidates = [
             top_rows[d * row : (d + 1) * row] if d < follow_valid else None
             for d in range(self.depth)
         ]
-        chunk = [node_tokens[node] for node in path[1:]] + [next_token]
-        self.cache_len += accept_len + 1
-        return chunk
+        self.cache_len += len(path)
+        return [node_tokens[node] for node in path[1:]] + [next_token]
+
+    def absorb_single(self, token: int) -> list[int]:
+        """Advance past a one-token step (no tree): the candidates start over."""
+        self.candidates = [None] * self.depth
+        self.cache_len += 1
+        return [token]
 
     def greedy_step(self) -> list[int]:
         """One plain step, for the last positions of the context where the tree cannot fit."""
@@ -481,10 +497,7 @@ class TreeDecoder:
         logits = self.model(
             torch.tensor([[self.output[-1]]], device=self.device), cache_lens=cache_lens
         )
-        self.candidates = [None] * self.depth
-        token = _pick(logits[0, -1], self.cache_len, self.sampler)
-        self.cache_len += 1
-        return [token]
+        return self.absorb_single(_pick(logits[0, -1], self.cache_len, self.sampler))
 
 
 def _continuations(tree: TreeSpec) -> Tensor:

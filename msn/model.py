@@ -262,9 +262,11 @@ class Transformer(nn.Module):
         """Move the accepted tree nodes' keys/values to the slots right after each prefix.
 
         `accepted_nodes` [B, M]: node indices relative to `cache_lens[b]`, root first, -1
-        padded (as `greedy_verify` returns them). All layers move in one call.
+        padded (as `greedy_verify` returns them). All layers move in one call. Only the first
+        B rows move: a cache set up for a larger batch serves smaller ones, as in `forward`.
         """
-        compact_kv(self.cache.k, self.cache.v, cache_lens, accepted_nodes)
+        batch = accepted_nodes.shape[0]
+        compact_kv(self.cache.k[:, :batch], self.cache.v[:, :batch], cache_lens, accepted_nodes)
 
     def rotary(self, positions: Tensor, cached: bool) -> tuple[Tensor, Tensor]:
         """cos, sin [B, T, D] in fp32 for integer positions [B, T].
