@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from msn.cache import load_versioned_json, msn_cache_dir, write_json_atomically
+from msn.interop import msn_view
 
 # Upper edges of the confidence bins of Jacobi candidates (previous-step probability).
 PROB_EDGES = (0.01, 0.03, 0.1, 0.2, 0.35, 0.5, 0.7, 0.85, 0.95)
@@ -150,6 +151,7 @@ def describe(key: SlotKey) -> str:
 
 def model_fingerprint(model) -> str:
     """Identifies the weights (acceptance depends on them, unlike latency)."""
+    model = msn_view(model)  # a transformers model: the fingerprint of its slim model
     config = model.config
     parts = [
         str(getattr(config, name, None))

@@ -193,6 +193,12 @@ def resolve_model(model: Any) -> Any:
     )
 
 
+def msn_view(model: Any) -> Any:
+    """`from_transformers(model)` for a transformers model, anything else unchanged: for
+    helpers keyed by the model (latency profile, acceptance statistics) that accept both."""
+    return from_transformers(model) if _is_transformers_model(model) else model
+
+
 def _lock_for(model: Any) -> threading.RLock:
     with _REGISTRY_LOCK:
         try:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from msn.cache import load_versioned_json, msn_cache_dir, write_json_atomically
+from msn.interop import exclusive, msn_view
 
 DEFAULT_TOKENS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
 DEFAULT_PREFIX = 256
@@ -263,6 +264,7 @@ def latency_profile(
     A model may carry its own profile as ``model.latency_profile`` (tests inject synthetic
     ones); it wins over the cache.
     """
+    model = msn_view(model)  # a transformers Llama model is profiled as its slim model
     own = getattr(model, "latency_profile", None)
     if isinstance(own, LatencyProfile) and not remeasure:
         return own
@@ -274,7 +276,8 @@ def latency_profile(
             return cached
     if verbose:
         print("msn: measuring the latency profile (a few seconds) ...", flush=True)
-    profile = LatencyProfile.measure(model, tokens=tokens or DEFAULT_TOKENS)
+    with exclusive(model):  # the measurement uses the model's KV cache
+        profile = LatencyProfile.measure(model, tokens=tokens or DEFAULT_TOKENS)
     with contextlib.suppress(OSError):  # a read-only cache only costs a re-measurement
         profile.save(path)
     _MEMORY[path] = profile

@@ -219,3 +219,16 @@ def run_in_threads(call, arguments):
         thread.join()
     assert not errors, errors
     return results
+
+
+def test_latency_profile_and_acceptance_statistics_take_a_transformers_model():
+    from msn.acceptance import acceptance_stats, model_fingerprint
+    from msn.latency import latency_profile
+
+    hf_model = tiny_llama(seed=6, num_key_value_heads=2)
+    slim = msn.from_transformers(hf_model)
+    assert model_fingerprint(hf_model) == model_fingerprint(slim)
+    assert acceptance_stats(hf_model) is acceptance_stats(slim)
+    profile = latency_profile(hf_model, remeasure=True, tokens=(1, 2))
+    assert profile.tokens == (1, 2) and profile.meta["model"].startswith("2L-32h-4q2kv")
+    assert latency_profile(slim) is profile  # one cache entry for both
