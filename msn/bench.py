@@ -7,6 +7,10 @@ output directory gets ``answers-<method>.jsonl`` in Spec-Bench's answer layout (
 new tokens, decoding steps, accept lengths, wall time), and for the run ``report.md`` (per
 category tokens per step, tokens/s and speed-up over greedy), ``report.png`` and
 ``summary.json``.
+
+``--batch-size N ...`` then decodes the first turns of all questions with ``msn.generate_batch``
+at each batch size and adds throughput (new tokens of all rows per second) beside batch-1
+latency, each row checked against the same method's batch-1 output of that prompt.
 """
 
 from __future__ import annotations
@@ -98,6 +102,35 @@ class ReportRow:
     @property
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else math.nan
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchRow:
+    """One method decoding every prompt with ``msn.generate_batch`` at one batch size."""
+
+    method: str
+    batch_size: int
+    prompts: int
+    new_tokens: int
+    steps: int  # decoding steps summed over the rows
+    accepted: int  # tokens emitted by decoding steps (new tokens minus each prefill token)
+    seconds: float  # wall time of the whole call
+    identical: int  # rows equal to the same method's batch-1 output of that prompt
+    compared: int  # rows with a batch-1 output to compare with
+    speedup: float | None = None  # tokens/s over greedy's at the same batch size
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.accepted / self.steps if self.steps else math.nan
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Throughput: new tokens of all rows per second of the call."""
+        return self.new_tokens / self.seconds if self.seconds > 0 else math.nan
+
+
+# (prompts, bench method name, max new tokens, batch size) -> one result per prompt, in order
+BatchFn = Callable[[list[list[int]], str, int, int], Sequence[GenerationResult]]
 
 
 # -- questions --------------------------------------------------------------------------------
@@ -261,6 +294,99 @@ def _as_list(output_ids: Any) -> list[int]:
     """The single row of ``output_ids`` ([1, L] tensor or nested list) as a list of ints."""
     rows = output_ids.tolist() if hasattr(output_ids, "tolist") else list(output_ids)
     return [int(t) for t in rows[0]]
+
+
+def first_turn_prompts(
+    questions: Sequence[Question], tokenizer: Any, chat: bool, context_len: int | None
+) -> list[list[int]]:
+    """The first turn of every question that fits the context: the batched runs' prompts.
+
+    Later turns are left out: their prompts hold the earlier answers, which a batch decodes
+    at the same time.
+    """
+    prompts = []
+    for question in questions:
+        prompt = encode_prompt(tokenizer, [{"role": "user", "content": question.turns[0]}], chat)
+        if context_len is None or len(prompt) < context_len:
+            prompts.append(prompt)
+    return prompts
+
+
+def run_batches(
+    prompts: Sequence[list[int]],
+    methods: Sequence[str],
+    batch_sizes: Sequence[int],
+    batch_fn: BatchFn,
+    max_new_tokens: int,
+    singles: dict[tuple[str, tuple[int, ...]], list[int]],
+    warmup: bool = True,
+) -> list[BatchRow]:
+    """Decode all ``prompts`` with every method at every batch size and time each call.
+
+    ``singles`` maps (method, prompt) to the output of that method's batch-1 ``generate``
+    call: each row is compared with it, so identical outputs are checked, not assumed. Methods
+    run interleaved per batch size; speed-ups are over greedy at the same batch size.
+    """
+    if warmup:
+        for method in methods:
+            batch_fn(list(prompts[:2]), method, min(WARMUP_TOKENS, max_new_tokens), 2)
+    rows: list[BatchRow] = []
+    for size in batch_sizes:
+        group = []
+        for method in methods:
+            start = time.perf_counter()
+            results = batch_fn(list(prompts), method, max_new_tokens, size)
+            seconds = time.perf_counter() - start
+            outputs = [_as_list(r.output_ids) for r in results]
+            known = [singles.get((method, tuple(p))) for p in prompts]
+            pairs = [(o, k) for o, k in zip(outputs, known, strict=True) if k is not None]
+            group.append(
+                BatchRow(
+                    method=method,
+                    batch_size=size,
+                    prompts=len(prompts),
+                    new_tokens=sum(int(r.new_tokens) for r in results),
+                    steps=sum(int(r.steps) for r in results),
+                    accepted=sum(sum(r.accept_lengths) for r in results),
+                    seconds=seconds,
+                    identical=sum(o == k for o, k in pairs),
+                    compared=len(pairs),
+                )
+            )
+        base = next((r for r in group if r.method == BASELINE), None)
+        for row in group:
+            speedup = None
+            if base is not None and base.tokens_per_second > 0:
+                speedup = row.tokens_per_second / base.tokens_per_second
+            rows.append(dataclasses.replace(row, speedup=speedup))
+    return rows
+
+
+def batch_table(rows: Sequence[BatchRow], single_rates: dict[str, float]) -> str:
+    """Throughput per method and batch size, beside the batch-1 ``generate`` rate."""
+    lines = [
+        "| method | batch size | prompts | new tokens | tokens/step | tokens/s (all rows) "
+        "| vs greedy (same batch) | batch-1 generate tokens/s | identical to batch 1 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        speedup = "n/a" if row.speedup is None else f"{row.speedup:.2f}x"
+        identical = f"{row.identical}/{row.compared}" if row.compared else "n/a"
+        lines.append(
+            f"| {row.method} | {row.batch_size} | {row.prompts} | {row.new_tokens} "
+            f"| {_fmt(row.tokens_per_step)} | {_fmt(row.tokens_per_second, 1)} | {speedup} "
+            f"| {_fmt(single_rates.get(row.method), 1)} | {identical} |"
+        )
+    return "\n".join(lines)
+
+
+def tree_pays(rows: Sequence[BatchRow]) -> dict[str, list[int]]:
+    """For each method but greedy, the batch sizes at which it beat greedy's throughput."""
+    return {
+        method: [r.batch_size for r in rows if r.method == method and (r.speedup or 0) > 1]
+        for method in dict.fromkeys(r.method for r in rows)
+        if method != BASELINE
+    }
 
 
 # -- reporting --------------------------------------------------------------------------------
@@ -584,6 +710,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument(
+        "--batch-size",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="also decode the first turns of all questions with msn.generate_batch at each "
+        "batch size N, and report throughput (tokens/s over all rows) beside batch-1 latency, "
+        "with each row checked against its batch-1 output",
+    )
+    parser.add_argument(
         "--baselines",
         action="store_true",
         help="also run transformers' own generate on the same checkpoint: greedy "
@@ -612,6 +747,9 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    batch_sizes = list(dict.fromkeys(getattr(args, "batch_size", None) or []))
+    if any(size < 1 for size in batch_sizes):
+        raise ValueError(f"--batch-size values must be >= 1, got {batch_sizes}")
     questions = load_questions(args.questions or default_questions_path())[: args.limit]
     methods = list(dict.fromkeys(args.methods))
     if args.model is not None and not args.model.strip():
@@ -643,6 +781,7 @@ def _run(args: argparse.Namespace) -> int:
         reference = baselines.load_reference(model_path, dtype=model.dtype, device=device)
         methods += [m for m in baselines.METHODS if m not in methods]
     trees: dict[str, list[dict]] = {}
+    singles: dict[tuple[str, tuple[int, ...]], list[int]] = {}  # batch-1 outputs
 
     def generate_fn(prompt: list[int], method: str, max_new_tokens: int) -> GenerationResult:
         if method in baselines.METHODS:
@@ -653,6 +792,8 @@ def _run(args: argparse.Namespace) -> int:
         result = msn.generate(model, prompt, max_new_tokens=max_new_tokens, **options)
         if getattr(result, "tree", None):
             trees.setdefault(method, []).append(result.tree)
+        if method in METHODS and max_new_tokens == args.max_new_tokens:
+            singles[method, tuple(prompt)] = _as_list(result.output_ids)
         return result
 
     run = run_identity(
@@ -705,8 +846,44 @@ def _run(args: argparse.Namespace) -> int:
     }
     rows = write_report(args.output, records, settings, run)
     print(markdown_table([r for r in rows if r.category == OVERALL]))
+    if batch_sizes:
+        single_rates = {r.method: r.tokens_per_second for r in rows if r.category == OVERALL}
+        prompts = first_turn_prompts(questions, tokenizer, args.chat, model.max_seq_len)
+
+        def batch_fn(prompts, method, max_new_tokens, batch_size):
+            return msn.generate_batch(
+                model, prompts, max_new_tokens, batch_size=batch_size, **METHODS[method]
+            )
+
+        batch_methods = [m for m in methods if m in METHODS]
+        batch_rows = run_batches(
+            prompts, batch_methods, batch_sizes, batch_fn, args.max_new_tokens, singles
+        )
+        write_batch_report(args.output, batch_rows, single_rates)
+        print(batch_table(batch_rows, single_rates))
+        for method, sizes in tree_pays(batch_rows).items():
+            print(f"{method} beats greedy's throughput at batch sizes: {sizes or 'none'}")
     print(f"report: {args.output / 'report.md'}")
     return 0
+
+
+def write_batch_report(
+    output_dir: Path, rows: Sequence[BatchRow], single_rates: dict[str, float]
+) -> None:
+    """Append the batched throughput table to ``report.md`` and its rows to ``summary.json``."""
+    report = output_dir / "report.md"
+    text = report.read_text(encoding="utf-8")
+    section = (
+        "\n## Batched throughput (msn.generate_batch, first turns)\n\n"
+        f"{batch_table(rows, single_rates)}\n"
+    )
+    report.write_text(text + section, encoding="utf-8")
+    summary_path = output_dir / "summary.json"
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    summary["batch"] = [
+        {**dataclasses.asdict(r), "tokens_per_second": r.tokens_per_second} for r in rows
+    ]
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 
 
 def _default_model_path(msn_module: Any) -> str:

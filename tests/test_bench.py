@@ -359,3 +359,28 @@ def test_cli_uses_the_chat_template_unless_raw(stub_msn, tmp_path, flag, expecte
     argv += ["--methods", "greedy", "--output", str(out)] + ([flag] if flag else [])
     assert cli_main(argv) == 0
     assert f"- chat template: {expected}" in (out / "report.md").read_text()
+
+
+def test_cli_batch_sizes_report_throughput_and_identical_outputs(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "bench"
+    argv = ["bench", "--model", str(tiny_checkpoint), "--limit", "3", "--max-new-tokens", "6"]
+    argv += ["--dtype", "float64", "--device", "cpu", "--output", str(out), "--no-progress"]
+    argv += ["--methods", "greedy", "tr-jacobi", "--batch-size", "1", "3"]
+    assert cli_main(argv) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {(r["method"], r["batch_size"]): r for r in summary["batch"]}
+    assert sorted(rows) == [("greedy", 1), ("greedy", 3), ("tr-jacobi", 1), ("tr-jacobi", 3)]
+    for row in rows.values():  # every row compared with its batch-1 generate output, and equal
+        assert row["prompts"] == 3 and row["compared"] == 3 and row["identical"] == 3
+        assert row["new_tokens"] == rows["greedy", 1]["new_tokens"] > 0
+    assert rows["greedy", 3]["speedup"] == 1.0
+    assert "| tr-jacobi | 3 | 3 |" in printed
+    assert "tr-jacobi beats greedy's throughput at batch sizes" in printed
+    assert "## Batched throughput" in (out / "report.md").read_text()
+
+
+def test_cli_rejects_a_zero_batch_size(tmp_path, capsys):
+    argv = ["bench", "--model", "unused", "--batch-size", "0", "--output", str(tmp_path)]
+    assert cli_main(argv) == 2
+    assert "--batch-size values must be >= 1" in capsys.readouterr().err
