@@ -96,7 +96,10 @@ class AcceptanceStats:
             entry[1] += tried
 
     def copy(self) -> AcceptanceStats:
-        return AcceptanceStats({k: list(v) for k, v in self.counts.items()}, dict(self.meta))
+        # list(...) snapshots the items at once: another model over the same weights (another
+        # lock, see msn.interop) may record into these statistics from another thread.
+        items = list(self.counts.items())
+        return AcceptanceStats({k: list(v) for k, v in items}, dict(self.meta))
 
     @property
     def observations(self) -> int:

@@ -232,3 +232,26 @@ def test_latency_profile_and_acceptance_statistics_take_a_transformers_model():
     profile = latency_profile(hf_model, remeasure=True, tokens=(1, 2))
     assert profile.tokens == (1, 2) and profile.meta["model"].startswith("2L-32h-4q2kv")
     assert latency_profile(slim) is profile  # one cache entry for both
+
+
+def test_models_over_the_same_weights_decode_in_parallel_with_shared_statistics(monkeypatch):
+    """Two models with equal weights share acceptance statistics and output memory (both are
+    keyed by the weights) but not a lock: each thread still gets its sequential output."""
+    # Calls on different models really run at once, and Triton's CPU interpreter (the CI
+    # stand-in for the GPU kernels) is not thread-safe: use the kernels' PyTorch reference.
+    monkeypatch.setenv("MSN_KERNELS", "torch")
+    models = [tiny_llama(seed=7, dtype=torch.float64, num_key_value_heads=2) for _ in range(2)]
+    latency = LatencyProfile.synthetic(0.01, 8, 0.001)
+    jobs = [
+        (models[i % 2], prompt(5 + 2 * i, 20 + i), dict(do_sample=i % 3 == 0, seed=i))
+        for i in range(6)
+    ]
+
+    def decode(job):
+        model, ids, options = job
+        return msn.generate(model, ids, NEW_TOKENS, eos_token_id=[], latency=latency, **options)
+
+    expected = [decode(job).output_ids for job in jobs]
+    for _ in range(2):
+        for i, result in enumerate(run_in_threads(decode, jobs)):
+            assert torch.equal(result.output_ids, expected[i]), f"job {i}"
