@@ -19,6 +19,7 @@ dims use the PyTorch reference.
 """
 
 import functools
+import math
 from typing import NamedTuple
 
 import torch
@@ -51,6 +52,21 @@ def _online_softmax_step(acc, m_i, l_i, q, k, v, visible, qk_scale, FP32_DOT: tl
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
     return acc, m_new, l_i
+
+
+@triton.jit
+def _store_rows(row_ptrs, o, row_valid, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Store o [BLOCK_M, HEAD_DIM] at row_ptrs [BLOCK_M, 1] (+ column), one half of D at a time.
+
+    Storing the whole tile at once costs 50-60 registers more a thread (the layout conversion of
+    the accumulator for the store), which spills on sm_90 at 128 x 128 tiles; the codegen test
+    checks the register margin.
+    """
+    halves = tl.permute(tl.reshape(o, [BLOCK_M, 2, HEAD_DIM // 2]), [0, 2, 1])
+    low, high = tl.split(halves)  # columns [0, D/2) and [D/2, D)
+    offs = tl.arange(0, HEAD_DIM // 2)[None, :]
+    tl.store(row_ptrs + offs, low, mask=row_valid[:, None])
+    tl.store(row_ptrs + HEAD_DIM // 2 + offs, high, mask=row_valid[:, None])
 
 
 @triton.jit
@@ -124,13 +140,13 @@ def _tree_attention_kernel(
     o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     if NUM_SPLITS == 1:
         out_ptrs = Out + b * stride_ob + head[:, None] * stride_oh + node[:, None] * stride_ot
-        tl.store(out_ptrs + offs_d[None, :], o.to(Out.dtype.element_ty), mask=row_valid[:, None])
+        _store_rows(out_ptrs, o.to(Out.dtype.element_ty), row_valid, BLOCK_M, HEAD_DIM)
     else:
         # Partials are contiguous (B, Hq, T, NUM_SPLITS[, D]).
         part_row = ((b * Hkv * GROUP + head) * T + node) * NUM_SPLITS + split
         lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
         tl.store(PartLse + part_row, lse, mask=row_valid)
-        tl.store(PartO + part_row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=row_valid[:, None])
+        _store_rows(PartO + part_row[:, None] * HEAD_DIM, o, row_valid, BLOCK_M, HEAD_DIM)
 
 
 @triton.jit
@@ -205,7 +221,8 @@ def _validate(
     cache_lens: torch.Tensor,
     tree_mask: torch.Tensor,
     check_lens: bool,
-) -> None:
+) -> int | None:
+    """Raise ValueError on bad inputs; return cache_lens.max() when it was read back."""
     tensors = {"q": q, "k_cache": k_cache, "v_cache": v_cache}
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -258,22 +275,15 @@ def _validate(
             raise ValueError(
                 f"cache too short: cache_lens.max() + T = {hi} + {T} = {hi + T} > cache length {S}"
             )
+        return hi
+    return None
 
 
 @functools.cache
-def _sm_count(device_index: int | None) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _pick_num_splits(programs: int, S: int, rows_per_kv_head: int, device: torch.device) -> int:
-    """Enough splits to fill the GPU, but keep >= 256 keys per split and small partial traffic."""
-    if device.type != "cuda":
-        return max(1, min(4, S // (4 * _MIN_KEYS_PER_SPLIT)))
-    wanted = triton.cdiv(2 * _sm_count(device.index), programs)
-    by_length = max(1, S // _MIN_KEYS_PER_SPLIT)
-    # Partials cost 8 bytes per (row, split, dim), mostly in L2; keep them under the K/V bytes.
-    by_traffic = max(1, S // (2 * rows_per_kv_head))
-    return max(1, min(wanted, by_length, by_traffic, 64))
+def _device_facts(device_index: int | None) -> tuple[int, int]:
+    """(SM count, compute capability as 80/90/...) of a CUDA device, read once."""
+    props = torch.cuda.get_device_properties(device_index)
+    return props.multi_processor_count, 10 * props.major + props.minor
 
 
 class TileConfig(NamedTuple):
@@ -281,22 +291,93 @@ class TileConfig(NamedTuple):
     block_n: int
     num_warps: int
     num_stages: int
+    ctas_per_sm: int = 1  # resident programs per SM that registers and shared memory allow
 
 
-def tile_config(rows: int, head_dim: int, dtype: torch.dtype, on_gpu: bool = True) -> TileConfig:
-    """Tiles per dtype, checked for spills and shared memory by tests/test_kernel_codegen.py.
+# fp16/bf16 tiles per architecture and head dim, by the packed rows (GROUP x T) they serve:
+# the first entry whose bound is >= rows wins (None: any). Each entry is compiled by
+# tests/test_kernel_codegen.py for both split modes and both dtypes, which checks: no spills,
+# <= 240 registers, shared memory within the card, `ctas_per_sm` programs fit one SM, and the
+# tensor-core and exp2 instruction counts equal the tile's minimum (no duplicated QK^T).
+# Findings behind the choices (Triton 3.x, cuobjdump of the cubins):
+# - sm_90: 64 rows on 8 warps makes both warpgroups compute the whole 64 x N score tile with
+#   HGMMA (2x the QK^T work, 2x the exp2); 64 rows take one warpgroup (4 warps), 128 rows two.
+#   64 keys per tile at D=128 spill at 4 warps / 64 rows; 32 keys do not.
+# - sm_80: 128 x 64 tiles at D=128 spill hundreds of bytes; 64 rows at D=64 on 8 warps duplicate
+#   the QK^T HMMAs, and 64 keys per tile sit at 255 registers.
+# Tiles under 64 rows run HMMA on both architectures (wgmma needs 64 rows per warpgroup).
+_SMALL = ((16, TileConfig(16, 64, 4, 2, 2)), (32, TileConfig(32, 32, 4, 2, 2)))
+TILE_TABLE: dict[tuple[int, int], tuple[tuple[int | None, TileConfig], ...]] = {
+    (90, 128): (*_SMALL, (64, TileConfig(64, 32, 4, 3, 2)), (None, TileConfig(128, 32, 8, 3, 1))),
+    (90, 64): (*_SMALL, (64, TileConfig(64, 64, 4, 3, 2)), (None, TileConfig(128, 64, 8, 3, 1))),
+    (80, 128): (*_SMALL, (None, TileConfig(64, 64, 8, 2, 1))),
+    (80, 64): (*_SMALL, (64, TileConfig(64, 32, 4, 2, 2)), (None, TileConfig(128, 32, 8, 2, 1))),
+}
+# fp32 runs exact "ieee" dots on FMA units, which spill at larger tiles.
+FP32_TILE = TileConfig(block_m=16, block_n=32, num_warps=8, num_stages=2, ctas_per_sm=2)
 
-    fp16/bf16: up to 64 packed query rows against 64 keys, 8 warps for the 64 x 128 tile (4 would
-    need ~255 registers a thread). fp32 runs exact "ieee" dots on FMA units, which spill at these
-    sizes, so it takes 16 x 32 tiles. The interpreter (CPU) has no registers to spill and runs
-    fastest on few, large tiles.
+
+def table_arch(capability: int) -> int:
+    """Hopper (9.x) uses the sm_90 table; every other CUDA card the sm_80 (mma.sync) one."""
+    return 90 if capability // 10 == 9 else 80
+
+
+def tile_config(rows: int, head_dim: int, dtype: torch.dtype, arch: int | None = 90) -> TileConfig:
+    """The tile for `rows` packed query rows (GROUP x T) on compute capability `arch`.
+
+    `arch=None` is the interpreter (CPU), which has no registers to spill and runs fastest on
+    few, large tiles. Head dims 16 and 32 use the D=64 entries.
     """
-    if not on_gpu:
+    if arch is None:
         return TileConfig(min(128, max(16, triton.next_power_of_2(rows))), 64, 4, 1)
     if dtype == torch.float32:
-        return TileConfig(block_m=16, block_n=32, num_warps=8, num_stages=2)
-    block_m = min(64, max(16, triton.next_power_of_2(rows)))
-    return TileConfig(block_m, 64, 8 if block_m * head_dim >= 64 * 128 else 4, 3)
+        return FP32_TILE
+    for bound, tiles in TILE_TABLE[(table_arch(arch), 128 if head_dim > 64 else 64)]:
+        if bound is None or rows <= bound:
+            return tiles
+    raise AssertionError("every TILE_TABLE row ends with a catch-all entry")
+
+
+def num_splits_heuristic(
+    programs: int,
+    max_len: int,
+    rows: int,
+    sm_count: int,
+    ctas_per_sm: int = 1,
+    block_n: int = 64,
+    max_splits: int = 64,
+) -> int:
+    """How many programs share each row's prefix: FlashDecoding's rule on the real lengths.
+
+    `programs` are the (row, KV head, m-tile) programs one split launches; `max_len` bounds the
+    prefix lengths (the real ones, not the cache capacity); a wave is `sm_count x ctas_per_sm`
+    programs. As in FlashAttention-2's `num_splits_heuristic`: no split when the programs
+    already fill 80% of a wave; otherwise the fewest splits whose wave efficiency
+    (waves / ceil(waves)) is within 85% of the best, skipping counts that leave the number of
+    key tiles per split unchanged. Two caps keep splitting worth it: >= 256 keys per split, and
+    the fp32 partials (written and read back, 8 bytes per row, split and dim) no larger than
+    the K/V bytes the split reads (4 bytes per key and dim in fp16): splits <= len / (2 rows).
+    """
+    if min(programs, sm_count, ctas_per_sm) < 1:
+        raise ValueError(
+            f"programs, sm_count and ctas_per_sm must be >= 1, got {programs}, {sm_count}, "
+            f"{ctas_per_sm}"
+        )
+    slots = sm_count * ctas_per_sm
+    if programs >= 0.8 * slots or max_len <= 0:
+        return 1
+    n_blocks = triton.cdiv(max_len, block_n)
+    cap = min(max_splits, slots, n_blocks, max_len // _MIN_KEYS_PER_SPLIT, max_len // (2 * rows))
+    if cap <= 1:
+        return 1
+    efficiency = {}
+    for s in range(1, cap + 1):
+        if s > 1 and triton.cdiv(n_blocks, s) == triton.cdiv(n_blocks, s - 1):
+            continue  # no fewer key tiles per split than with s - 1
+        waves = programs * s / slots
+        efficiency[s] = waves / math.ceil(waves)
+    best = max(efficiency.values())
+    return min(s for s, e in efficiency.items() if e >= 0.85 * best)
 
 
 def tree_attention_triton(
@@ -307,8 +388,13 @@ def tree_attention_triton(
     tree_mask: torch.Tensor,
     sm_scale: float | None = None,
     num_splits: int | None = None,
+    max_cache_len: int | None = None,
 ) -> torch.Tensor:
-    """Launch the Triton kernels; inputs must already be validated."""
+    """Launch the Triton kernels; inputs must already be validated.
+
+    `max_cache_len` bounds cache_lens on the host (it only sizes the split count); None uses
+    the cache capacity S - T.
+    """
     B, Hq, T, D = q.shape
     _, Hkv, S, _ = k_cache.shape
     group = Hq // Hkv
@@ -324,10 +410,19 @@ def tree_attention_triton(
         return out
 
     rows = group * T
-    tiles = tile_config(rows, D, q.dtype, on_gpu=q.is_cuda)
+    max_len = S - T if max_cache_len is None else min(max_cache_len, S - T)
+    if q.is_cuda:
+        sm_count, capability = _device_facts(q.device.index)
+        tiles = tile_config(rows, D, q.dtype, capability)
+    else:
+        tiles = tile_config(rows, D, q.dtype, arch=None)
     m_tiles = triton.cdiv(rows, tiles.block_m)
-    if num_splits is None:
-        num_splits = _pick_num_splits(B * Hkv * m_tiles, S, rows, q.device)
+    if num_splits is None and q.is_cuda:
+        num_splits = num_splits_heuristic(
+            B * Hkv * m_tiles, max_len, rows, sm_count, tiles.ctas_per_sm, tiles.block_n
+        )
+    elif num_splits is None:  # the interpreter: a few splits on long prefixes test the merge
+        num_splits = max(1, min(4, max_len // (4 * _MIN_KEYS_PER_SPLIT)))
     if num_splits > 1:
         part_o = torch.empty(B, Hq, T, num_splits, D, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(B, Hq, T, num_splits, dtype=torch.float32, device=q.device)
@@ -367,6 +462,7 @@ def tree_attention(
     *,
     check_lens: bool = True,
     num_splits: int | None = None,
+    max_cache_len: int | None = None,
 ) -> torch.Tensor:
     """Attention of T tree nodes over each row's prefix plus their visible tree nodes.
 
@@ -375,14 +471,21 @@ def tree_attention(
     prefix and an all-False mask row) gets a zero output from both the Triton kernel and the
     reference, never NaN. `check_lens=False` skips the bounds check of
     cache_lens, which reads the lengths back to the host (a GPU synchronisation). `num_splits`
-    overrides how many programs share each row's prefix.
+    overrides how many programs share each row's prefix; otherwise it follows the real prefix
+    lengths: `max_cache_len`, a host-side bound on cache_lens that the caller already knows
+    (no synchronisation), or cache_lens.max() when `check_lens` read it anyway, or else the
+    cache capacity. The bound only sizes the split count; results do not depend on it.
     """
-    _validate(q, k_cache, v_cache, cache_lens, tree_mask, check_lens)
+    read_max = _validate(q, k_cache, v_cache, cache_lens, tree_mask, check_lens)
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    if max_cache_len is not None and max_cache_len < 0:
+        raise ValueError(f"max_cache_len must be >= 0, got {max_cache_len}")
+    if max_cache_len is None:
+        max_cache_len = read_max
     triton_ok = q.dtype in _TRITON_DTYPES and q.shape[-1] in TRITON_HEAD_DIMS
     if triton_ok and use_triton(_tree_attention_kernel, q.device):
         return tree_attention_triton(
-            q, k_cache, v_cache, cache_lens, tree_mask, sm_scale, num_splits
+            q, k_cache, v_cache, cache_lens, tree_mask, sm_scale, num_splits, max_cache_len
         )
     return tree_attention_reference(q, k_cache, v_cache, cache_lens, tree_mask, sm_scale)
