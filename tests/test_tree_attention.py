@@ -245,3 +245,58 @@ def test_empty_and_long_prefixes_in_one_batch_with_unchecked_lengths(poison_empt
     out = tree_attention(q, k, v, cache_lens, mask, num_splits=5, check_lens=False)
     expected = oracle(q, k, v, cache_lens, trees, 64**-0.5)
     torch.testing.assert_close(out.double().cpu(), expected, atol=TOLERANCE[torch.float32], rtol=0)
+
+
+def test_split_rule_follows_flashdecoding() -> None:
+    """Llama3-8B shapes, one row: 8 KV heads x 3 m-tiles of 128 rows (G=4 x T=69 = 276 rows)."""
+    rule = ta.num_splits_heuristic
+    # Waves of 132 programs: 24 x s / 132 is 0.73 of a wave at s=4 and 0.91 at s=5 (the best;
+    # s=6 and 7 spill into a second wave); s=5 is the fewest within 85% of the best.
+    assert rule(24, 4096, 276, sm_count=132) == 5
+    # Two programs per SM double the wave: 24 x 6 / 264 = 0.55 is within 85% of s=7's 0.64.
+    assert rule(24, 4096, 276, sm_count=132, ctas_per_sm=2) == 6
+    assert rule(132, 4096, 276, sm_count=132) == 1  # a full wave already: no split
+    assert rule(106, 4096, 276, sm_count=132) == 1  # >= 80% of a wave
+    # A 32k cache capacity as the bound would split 5 ways; 300 real keys allow one split.
+    assert rule(24, 32768, 276, sm_count=132) == 5
+    assert rule(24, 300, 276, sm_count=132) == 1
+    assert rule(24, 0, 276, sm_count=132) == 1
+    # Partial traffic: 276 rows x 2 splits of fp32 partials would outweigh 1000 keys of K/V.
+    assert rule(1, 1000, 276, sm_count=132) == 1
+    assert rule(1, 1000, 16, sm_count=132) == 3  # 1000 // 256 caps it; 3 is within 85% of 3
+    with pytest.raises(ValueError, match="sm_count"):
+        rule(24, 4096, 276, sm_count=0)
+
+
+def test_split_count_follows_the_host_length_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under the interpreter a long prefix splits four ways: the real bound, not the capacity."""
+    launches = []
+    real_merge = ta._merge_splits_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real_merge[grid]
+
+    monkeypatch.setattr(ta, "_merge_splits_kernel", Spy())
+    q, _, _, _, mask, trees = make_case(
+        B=2, Hkv=1, group=2, T=5, D=16, dtype=torch.float32, prefix_max=0, shared_tree=True, seed=9
+    )
+    S = 5000  # capacity: 4 splits if it were the bound (S // 1024 = 4)
+    gen = torch.Generator().manual_seed(4)
+    k = torch.randn(2, 1, S, 16, generator=gen).to(DEVICE)
+    v = torch.randn(2, 1, S, 16, generator=gen).to(DEVICE)
+    cache_lens = torch.tensor([30, 200], device=DEVICE)
+    expected = oracle(q, k, v, cache_lens, trees, 16**-0.5)
+    for kwargs, splits in (
+        ({"check_lens": False}, True),  # no bound known: the capacity decides
+        ({"check_lens": False, "max_cache_len": 200}, False),
+        ({"check_lens": True}, False),  # cache_lens.max() was read back anyway
+        ({"check_lens": False, "max_cache_len": 0}, False),  # a wrong bound: still exact
+    ):
+        launches.clear()
+        out = tree_attention(q, k, v, cache_lens, mask, **kwargs)
+        assert bool(launches) is splits, kwargs
+        torch.testing.assert_close(out.double().cpu(), expected, atol=2e-5, rtol=0)
+    with pytest.raises(ValueError, match="max_cache_len must be >= 0"):
+        tree_attention(q, k, v, cache_lens, mask, max_cache_len=-1)
