@@ -9,8 +9,9 @@ The Triton path takes two launches and no host synchronisation:
    one vocabulary chunk of BLOCK_R (row, node) pairs (on a GPU one pair and enough chunks to fill
    the machine; under the interpreter many pairs per program, which costs less there);
 2. `_verify_walk_kernel`, one program per batch row, merges the chunks into each node's argmax,
-   then resolves "all ancestors matched" by pointer jumping (log2 T rounds of gathers done as
-   one-hot reductions in registers) and walks the chosen path up to the root.
+   then resolves "all ancestors matched" by pointer jumping (log2 T rounds of gathers through a
+   small per-row scratch buffer) and walks the chosen path up to the root. Trees of up to
+   MAX_TRITON_NODES = 256 nodes; larger ones are a ValueError on the Triton path.
 
 Ties in the argmax go to the smallest token id, as in `torch.argmax`. The kernels compare in fp32,
 so float64 logits use the PyTorch reference; NaN logits are outside the contract.
@@ -28,7 +29,7 @@ from msn_kernels.dispatch import use_triton
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BLOCK_V = 1024
-MAX_TRITON_NODES = 1024  # larger trees are verified by the PyTorch reference
+MAX_TRITON_NODES = 256  # the walk kernel's limit, checked for spills by the codegen test
 _INT32_MAX = tl.constexpr(2**31 - 1)  # padding index, above any token id
 
 
@@ -72,7 +73,7 @@ def _argmax_partial_kernel(
 
 @triton.jit
 def _verify_walk_kernel(
-    PartVal, PartIdx, Tokens, Parents, Depths, AcceptLen, AcceptedNodes, NextToken,
+    PartVal, PartIdx, Tokens, Parents, Depths, Scratch, AcceptLen, AcceptedNodes, NextToken,
     stride_tok_b, stride_acc_b, T, path_len,
     NUM_CHUNKS: tl.constexpr, CHUNKS_PAD: tl.constexpr, T_PAD: tl.constexpr,
     LOG_T: tl.constexpr, PATH_PAD: tl.constexpr,
@@ -93,17 +94,27 @@ def _verify_walk_kernel(
     parent = tl.load(Parents + nodes, mask=node_valid, other=0)
     depth = tl.load(Depths + nodes, mask=node_valid, other=-1)
     token = tl.load(Tokens + b.to(tl.int64) * stride_tok_b + nodes, mask=node_valid, other=-1)
-    # Gathers x[idx] of register vectors are one-hot reductions over a (T_PAD, T_PAD) tile.
-    onehot = parent[:, None] == nodes[None, :]
-    amax_at_parent = tl.sum(tl.where(onehot, amax[None, :], 0), 1)
+    # Gathers x[idx] of register vectors go through this row's scratch (3 x T_PAD int32, L1
+    # resident): store, barrier, gathered load. (One-hot reductions over a (T_PAD, T_PAD) tile
+    # did the same in registers and spilled 4.4 KB at T_PAD = 256.)
+    amax_buf = Scratch + b.to(tl.int64) * (3 * T_PAD) + nodes
+    ok_buf = amax_buf + T_PAD
+    anc_buf = ok_buf + T_PAD
+    tl.store(amax_buf, amax)
+    tl.debug_barrier()
+    amax_at_parent = tl.load(amax_buf - nodes + parent)
     ok = ((token == amax_at_parent) & (token >= 0)) | (nodes == 0)
     ok = (ok & node_valid).to(tl.int32)
     # Pointer jumping: after round r, ok[i] covers the 2^r nearest ancestors of i.
     anc = tl.where(nodes == 0, 0, parent)
     for _ in tl.static_range(LOG_T):
-        onehot = anc[:, None] == nodes[None, :]
-        ok = ok * tl.sum(tl.where(onehot, ok[None, :], 0), 1)
-        anc = tl.sum(tl.where(onehot, anc[None, :], 0), 1)
+        tl.store(ok_buf, ok)
+        tl.store(anc_buf, anc)
+        tl.debug_barrier()
+        ok = ok * tl.load(ok_buf - nodes + anc)
+        anc_next = tl.load(anc_buf - nodes + anc)
+        tl.debug_barrier()  # every gather is done before the next round overwrites
+        anc = anc_next
 
     score = tl.where(ok != 0, depth, -1)
     accept_len = tl.max(score, 0)
@@ -116,7 +127,7 @@ def _verify_walk_kernel(
     cur = chosen
     for step in range(0, accept_len + 1):
         path = tl.where(slots == accept_len - step, cur, path)
-        cur = tl.sum(tl.where(nodes == cur, parent, 0), 0)
+        cur = tl.load(Parents + cur)
     acc_ptrs = AcceptedNodes + b.to(tl.int64) * stride_acc_b + slots
     tl.store(acc_ptrs, path.to(tl.int64), mask=slots < path_len)
     tl.store(AcceptLen + b, accept_len.to(tl.int64))
@@ -241,13 +252,14 @@ def greedy_verify_triton(
     num_chunks = triton.cdiv(V, chunk)
     part_val = torch.empty(n_rows, num_chunks, dtype=torch.float32, device=device)
     part_idx = torch.empty(n_rows, num_chunks, dtype=torch.int32, device=device)
+    t_pad = max(16, triton.next_power_of_2(T))
+    scratch = torch.empty(B, 3, t_pad, dtype=torch.int32, device=device)
     _argmax_partial_kernel[(triton.cdiv(n_rows, block_r), num_chunks)](
         logits, part_val, part_idx, logits.stride(0), logits.stride(1), n_rows, T, V, chunk,
         NUM_CHUNKS=num_chunks, BLOCK_R=block_r, BLOCK_V=_BLOCK_V, num_warps=4,
     )  # fmt: skip
-    t_pad = max(16, triton.next_power_of_2(T))
     _verify_walk_kernel[(B,)](
-        part_val, part_idx, tree_tokens, tree["parents"], tree["depths"],
+        part_val, part_idx, tree_tokens, tree["parents"], tree["depths"], scratch,
         accept_len, accepted_nodes, next_token,
         tree_tokens.stride(0), accepted_nodes.stride(0), T, path_len,
         NUM_CHUNKS=num_chunks, CHUNKS_PAD=max(2, triton.next_power_of_2(num_chunks)),
@@ -268,8 +280,12 @@ def greedy_verify(
     """
     parents_tuple = _as_tuple(parents)
     _validate(logits, tree_tokens, parents_tuple)
-    # The walk kernel holds (T_PAD, T_PAD) tiles, which Triton caps at 2^20 elements.
-    triton_ok = logits.dtype in _TRITON_DTYPES and logits.shape[1] <= MAX_TRITON_NODES
-    if triton_ok and use_triton(_argmax_partial_kernel, logits.device):
+    if logits.dtype in _TRITON_DTYPES and use_triton(_argmax_partial_kernel, logits.device):
+        if logits.shape[1] > MAX_TRITON_NODES:
+            raise ValueError(
+                f"greedy_verify's Triton kernel takes trees of at most {MAX_TRITON_NODES} nodes, "
+                f"got T={logits.shape[1]}: use a smaller tree (or MSN_KERNELS=torch, the "
+                "PyTorch reference, which has no limit)"
+            )
         return greedy_verify_triton(logits, tree_tokens, parents_tuple)
     return greedy_verify_reference(logits, tree_tokens, parents_tuple)

@@ -186,9 +186,9 @@ def test_validation_errors(logits, tokens, parents, message: str) -> None:
         greedy_verify(logits, tokens, parents)
 
 
-@pytest.mark.parametrize("T", [69, 128])
+@pytest.mark.parametrize("T", [69, 128, 256])
 def test_large_trees_match_the_oracle(T: int, poison_empty) -> None:
-    """The walk kernel's widest configuration (T_PAD = 128), which the property test skips."""
+    """The walk kernel's widest configurations (T_PAD = 128, 256), which the property test skips."""
     rng = random.Random(T)
     for seed in range(3):
         # Deep and bushy trees: parents drawn from the last few nodes.
@@ -201,3 +201,13 @@ def test_large_trees_match_the_oracle(T: int, poison_empty) -> None:
                              torch.randint(-1, 300, (2, T), generator=gen))  # fmt: skip
         logits, tokens = logits.to(DEVICE), tokens.to(DEVICE)
         assert_result(greedy_verify(logits, tokens, parents), oracle(logits, tokens, parents))
+
+
+@pytest.mark.skipif(DEVICE.type == "cpu" and not gv.use_triton(gv._argmax_partial_kernel, DEVICE),
+                    reason="the limit is the Triton kernel's")  # fmt: skip
+def test_trees_over_256_nodes_are_a_clear_error() -> None:
+    T = gv.MAX_TRITON_NODES + 1
+    logits = torch.zeros(1, T, 4, device=DEVICE)
+    tokens = torch.zeros(1, T, dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match="at most 256 nodes, got T=257"):
+        greedy_verify(logits, tokens, [-1] + list(range(T - 1)))

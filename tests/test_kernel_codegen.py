@@ -141,16 +141,17 @@ def _verify_and_compact_configs(full: bool) -> list[Config]:
         )
         for dt in (("bf16", "fp16", "fp32") if full else ("bf16", "fp32"))
     ]  # fmt: skip
-    for t_pad in (16, 32, 64, 128) if full else (16, 128):
+    for t_pad in (16, 32, 64, 128, 256) if full else (16, 256):
         configs.append(Config(
             "msn_kernels.greedy_verify", "_verify_walk_kernel",
             {"PartVal": "*fp32", "PartIdx": "*i32", "Tokens": "*i64", "Parents": "*i32",
-             "Depths": "*i32", "AcceptLen": "*i64", "AcceptedNodes": "*i64", "NextToken": "*i64"},
+             "Depths": "*i32", "Scratch": "*i32", "AcceptLen": "*i64", "AcceptedNodes": "*i64",
+             "NextToken": "*i64"},
             {"NUM_CHUNKS": 4, "CHUNKS_PAD": 4, "T_PAD": t_pad,
              "LOG_T": (t_pad - 1).bit_length(), "PATH_PAD": 16},
-            aligned=("PartVal", "PartIdx", "Tokens", "Parents", "Depths", "AcceptLen",
+            aligned=("PartVal", "PartIdx", "Tokens", "Parents", "Depths", "Scratch", "AcceptLen",
                      "AcceptedNodes", "NextToken"),
-            num_warps=4 if t_pad <= 64 else 8, tag=f"T={t_pad}",
+            num_warps=4 if t_pad <= 64 else 8, expect_barrier=True, tag=f"T={t_pad}",
         ))  # fmt: skip
     strides = [f"stride_{t}{d}" for t in "kv" for d in "lbhs"]
     compact_sizes = (
