@@ -850,7 +850,12 @@ def _run(args: argparse.Namespace) -> int:
         single_rates = {r.method: r.tokens_per_second for r in rows if r.category == OVERALL}
         prompts = first_turn_prompts(questions, tokenizer, args.chat, model.max_seq_len)
 
+        from msn.drafts import output_memory
+
         def batch_fn(prompts, method, max_new_tokens, batch_size):
+            # The batch-1 run stored its answers to these very prompts in the output memory:
+            # each pass starts without them, or retrieval would recall whole answers.
+            output_memory(model).clear()
             return msn.generate_batch(
                 model, prompts, max_new_tokens, batch_size=batch_size, **METHODS[method]
             )

@@ -42,6 +42,11 @@ class OutputMemory:
         self.segment_start = 0
         self.enabled = True
 
+    def clear(self) -> None:
+        """Forget every stored output (a benchmark pass must not recall an earlier pass's
+        answers to the very same prompts)."""
+        self.tokens, self.latest, self.segment_start = [], {}, 0
+
     def begin(self) -> None:
         """A new output: n-grams and drafts never span two outputs (a -1 separates them)."""
         if self.tokens and self.tokens[-1] != -1:

@@ -127,3 +127,8 @@ def test_output_memory_recalls_earlier_outputs_within_one_output():
     assert memory.lookup([5, 9], 4) == ([], 0)  # 5, 9 spans two outputs: never indexed
     memory.enabled = False
     assert memory.lookup([7, 2, 3], 8) == ([], 0)
+    memory.enabled = True
+    memory.clear()
+    assert memory.lookup([7, 2, 3], 8) == ([], 0) and memory.tokens == []
+    memory.extend([2, 3, 6])
+    assert memory.lookup([2, 3], 4) == ([6], 2)  # usable again after clearing
