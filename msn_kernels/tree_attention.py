@@ -307,12 +307,18 @@ class TileConfig(NamedTuple):
 #   the QK^T HMMAs, and 64 keys per tile sit at 255 registers.
 # Tiles under 64 rows run HMMA on both architectures (wgmma needs 64 rows per warpgroup).
 _SMALL = ((16, TileConfig(16, 64, 4, 2, 2)), (32, TileConfig(32, 32, 4, 2, 2)))
+# D <= 32: 4 warps on 16 or 32 rows would split D = 16 or 32 output columns too thin and
+# duplicate the PV/QK^T MMAs (found by the codegen test's full run); 1 or 2 warps do not.
+_SMALL_NARROW = ((16, TileConfig(16, 64, 1, 2, 2)), (32, TileConfig(32, 32, 2, 2, 2)))
 TILE_TABLE: dict[tuple[int, int], tuple[tuple[int | None, TileConfig], ...]] = {
     (90, 128): (*_SMALL, (64, TileConfig(64, 32, 4, 3, 2)), (None, TileConfig(128, 32, 8, 3, 1))),
     (90, 64): (*_SMALL, (64, TileConfig(64, 64, 4, 3, 2)), (None, TileConfig(128, 64, 8, 3, 1))),
     (80, 128): (*_SMALL, (None, TileConfig(64, 64, 8, 2, 1))),
     (80, 64): (*_SMALL, (64, TileConfig(64, 32, 4, 2, 2)), (None, TileConfig(128, 32, 8, 2, 1))),
 }
+for _arch in (90, 80):
+    TILE_TABLE[(_arch, 32)] = (*_SMALL_NARROW, *TILE_TABLE[(_arch, 64)][2:])
+
 # fp32 runs exact "ieee" dots on FMA units, which spill at larger tiles.
 FP32_TILE = TileConfig(block_m=16, block_n=32, num_warps=8, num_stages=2, ctas_per_sm=2)
 
@@ -326,13 +332,14 @@ def tile_config(rows: int, head_dim: int, dtype: torch.dtype, arch: int | None =
     """The tile for `rows` packed query rows (GROUP x T) on compute capability `arch`.
 
     `arch=None` is the interpreter (CPU), which has no registers to spill and runs fastest on
-    few, large tiles. Head dims 16 and 32 use the D=64 entries.
+    few, large tiles. Head dims 16 and 32 use the D=32 entries, 64 the D=64 ones.
     """
     if arch is None:
         return TileConfig(min(128, max(16, triton.next_power_of_2(rows))), 64, 4, 1)
     if dtype == torch.float32:
         return FP32_TILE
-    for bound, tiles in TILE_TABLE[(table_arch(arch), 128 if head_dim > 64 else 64)]:
+    table_d = 128 if head_dim > 64 else 64 if head_dim > 32 else 32
+    for bound, tiles in TILE_TABLE[(table_arch(arch), table_d)]:
         if bound is None or rows <= bound:
             return tiles
     raise AssertionError("every TILE_TABLE row ends with a catch-all entry")

@@ -97,7 +97,7 @@ def _attention_configs(full: bool) -> list[Config]:
     configs = []
     for (arch, table_d), entries in TILE_TABLE.items():
         rows_of = [b if b is not None else 276 for b, _ in entries]  # rows each entry serves
-        heads = (16, 32, 64) if table_d == 64 else (128,)
+        heads = {32: (16, 32), 64: (64,), 128: (128,)}[table_d]
         for i, rows in enumerate(rows_of):
             largest = i == len(rows_of) - 1
             for d in heads:
