@@ -89,6 +89,7 @@ class ReportRow:
     accepted: int  # tokens emitted by decoding steps: new tokens minus each turn's prefill token
     seconds: float
     speedup: float | None  # tokens/s over the baseline's on the same category
+    repetition: float = math.nan  # mean share of repeated word 4-grams in the answers
 
     @property
     def tokens_per_step(self) -> float:
@@ -413,7 +414,20 @@ def aggregate(records: Sequence[TurnRecord], baseline: str = BASELINE) -> list[R
     return rows
 
 
+def repeated_ngram_share(text: str, n: int = 4) -> float:
+    """Share of an answer's word n-grams that already occurred earlier in it (0: none repeats).
+
+    A looping answer ("the cat the cat the cat ...") scores near 1; ordinary prose a few
+    percent. It reads how degenerate the answers are, since the speed figures alone reward
+    loops (retrieval copies them).
+    """
+    words = text.split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
 def _totals(category: str, method: str, records: list[TurnRecord]) -> ReportRow:
+    shares = [repeated_ngram_share(r.text) for r in records]
     return ReportRow(
         category=category,
         method=method,
@@ -423,6 +437,7 @@ def _totals(category: str, method: str, records: list[TurnRecord]) -> ReportRow:
         accepted=sum(sum(r.accept_lengths) for r in records),
         seconds=sum(r.wall_seconds for r in records),
         speedup=None,
+        repetition=sum(shares) / len(shares) if shares else math.nan,
     )
 
 
@@ -433,15 +448,16 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 def markdown_table(rows: Sequence[ReportRow]) -> str:
     lines = [
         "| category | method | turns | new tokens | steps | tokens/step | extra tokens/step "
-        "| tokens/s | speed-up |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| tokens/s | speed-up | repeated 4-grams |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         mta = row.tokens_per_step
         speedup = "n/a" if row.speedup is None else f"{row.speedup:.2f}x"
         lines.append(
             f"| {row.category} | {row.method} | {row.turns} | {row.new_tokens} | {row.steps} "
-            f"| {_fmt(mta)} | {_fmt(mta - 1)} | {_fmt(row.tokens_per_second, 1)} | {speedup} |"
+            f"| {_fmt(mta)} | {_fmt(mta - 1)} | {_fmt(row.tokens_per_second, 1)} | {speedup} "
+            f"| {_fmt(100 * row.repetition, 0)}% |"
         )
     return "\n".join(lines)
 

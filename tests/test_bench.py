@@ -14,6 +14,7 @@ from msn.bench import (
     load_questions,
     markdown_table,
     parse_questions,
+    repeated_ngram_share,
     run_questions,
     write_report,
 )
@@ -384,3 +385,23 @@ def test_cli_rejects_a_zero_batch_size(tmp_path, capsys):
     argv = ["bench", "--model", "unused", "--batch-size", "0", "--output", str(tmp_path)]
     assert cli_main(argv) == 2
     assert "--batch-size values must be >= 1" in capsys.readouterr().err
+
+
+def test_repeated_ngram_share_counts_word_4grams_seen_before():
+    assert repeated_ngram_share("one two three four five six") == 0.0
+    # 10 words, 7 4-grams, of which only the first four are new: abcd bcda cdab dabc
+    assert repeated_ngram_share("a b c d a b c d a b") == pytest.approx(3 / 7)
+    assert repeated_ngram_share("too short") == 0.0
+
+
+def test_report_gives_each_category_its_repetition():
+    looping = " ".join(["the tradition of"] * 10)
+    records = [
+        TurnRecord("greedy", 1, "mt_bench", 0, 5, 30, 30, (1,) * 30, 1.0, looping),
+        TurnRecord("greedy", 2, "qa", 0, 5, 6, 6, (1,) * 6, 1.0, "Paris is the capital of France"),
+    ]
+    rows = {row.category: row for row in aggregate(records)}
+    assert rows["mt_bench"].repetition > 0.8
+    assert rows["qa"].repetition == 0.0
+    assert rows[OVERALL].repetition == pytest.approx(rows["mt_bench"].repetition / 2)
+    assert "| 0% |" in markdown_table(list(rows.values()))
