@@ -16,6 +16,7 @@ the output is greedy decoding's.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 from collections import Counter, OrderedDict
 
@@ -26,10 +27,13 @@ from msn.autotree import DEFAULT_MAX_NODES, DEFAULT_WIDTH, BuiltTree, grow_tree
 from msn.drafts import Drafts, candidate_rows, output_memory
 from msn.latency import LatencyProfile
 from msn.sampling import Sampler
+from msn.step_graph import StepRunner, length_bound
 from msn_kernels import greedy_verify
+from msn_kernels.greedy_verify import _tree_tensors
 
 RETRIEVAL_DEPTH = 8
 JACOBI_ROWS = 6  # depths of Jacobi candidates kept for the next step
+GRAPH_AFTER = 3  # a tree shape is captured in a CUDA graph the 3rd time a step builds it
 
 
 class AutoTreeDecoder:
@@ -49,9 +53,11 @@ class AutoTreeDecoder:
         learn: bool = True,
         seed: int = 0,
         sampler: Sampler | None = None,
+        runner: StepRunner | None = None,
     ):
         self.model = model
         self.sampler = sampler  # None: greedy; else draws verified on perturbed logits
+        self.runner = runner or StepRunner(model, graphs=False)
         self.output = output
         self.device = model.device
         self.profile = profile
@@ -117,32 +123,59 @@ class AutoTreeDecoder:
         tree = self.plan()
         if tree.num_nodes == 1:
             return self.greedy_step()
-        tokens = torch.tensor([tree.tokens], device=self.device)
         mask, depths = self._mask(tree)
-        cache_lens = torch.tensor([self.cache_len], device=self.device)
+        follow, follow_lengths = _follow_table(tree)
+        inputs = (torch.tensor([tree.tokens]), torch.tensor([self.cache_len]), follow)
+        fn = functools.partial(self.device_step, mask, depths, tree.parents, tree.max_depth)
+        keep = (mask, depths, _tree_tensors(tree.parents, self.device))
+        key = ("auto", tree.parents, self.width)
+        capacity = self.capacity if self.capacity is not None else self.model.cache.max_seq_len
+        bound = length_bound(self.cache_len, capacity - tree.num_nodes)
+        output = self.runner(key, fn, inputs, bound, capture_after=GRAPH_AFTER, keep=keep)
+        packed = output.tolist()  # the step's one read-back: verdict and Jacobi rows together
+        accept_len, next_token = int(packed[0]), int(packed[1])
+        path = [int(node) for node in packed[2 : 3 + accept_len]]
+        rows = follow_lengths[path[-1]] * self.width
+        start = 3 + tree.max_depth
+        top_tokens = [int(token) for token in packed[start : start + rows]]
+        start += JACOBI_ROWS * self.width
+        top_probs = packed[start : start + rows]
+        return self.absorb(tree, path, next_token, top_tokens, top_probs)
+
+    def device_step(
+        self,
+        mask: torch.Tensor,
+        depths: torch.Tensor,
+        parents: tuple[int, ...],
+        max_depth: int,
+        tokens: torch.Tensor,
+        cache_lens: torch.Tensor,
+        follow: torch.Tensor,
+        bound: int,
+    ) -> torch.Tensor:
+        """Forward, verify, compact and the Jacobi rows on the device; nothing read back.
+
+        ``follow`` [T, JACOBI_ROWS]: each node's continuation (``_follow_table``). Returns, in
+        float64 (exact for token ids): accept_len, next_token, the accepted nodes (max_depth +
+        1), then the top ``width`` tokens and their probabilities at each of the JACOBI_ROWS
+        nodes below the chosen one (rows past its continuation hold filler).
+        """
         logits = self.model(
             tokens, positions=cache_lens[:, None] + depths[None], cache_lens=cache_lens,
-            tree_mask=mask,
+            tree_mask=mask, max_cache_len=bound,
         )  # fmt: skip
         scores = logits
-        if self.sampler is not None:
-            scores = self.sampler.perturb(logits, self.cache_len, depths, tree.max_depth)
-        verdict = greedy_verify(scores, tokens, tree.parents)
+        if self.sampler is not None:  # never captured (use_cuda_graph): cache_len is host state
+            scores = self.sampler.perturb(logits, self.cache_len, depths, max_depth)
+        verdict = greedy_verify(scores, tokens, parents)
         self.model.compact_cache(cache_lens, verdict.accepted_nodes)
-
-        # The Jacobi update reads the rows below the chosen node, known only after
-        # verification: the verdict comes back first, then those rows.
+        chosen = verdict.accepted_nodes[0].gather(0, verdict.accept_len)  # (1,)
+        below = follow.index_select(0, chosen)[0].clamp(min=0)  # (JACOBI_ROWS,)
+        top_tokens, top_probs = candidate_rows(logits[0, below], self.width)  # (rows, width)
         head = torch.cat([verdict.accept_len, verdict.next_token, verdict.accepted_nodes[0]])
-        head = head.tolist()
-        accept_len, next_token = head[0], head[1]
-        path = head[2 : 3 + accept_len]
-        follow = tree.continuation(path[-1])[:JACOBI_ROWS]
-        top_tokens: list[int] = []
-        top_probs: list[float] = []
-        if follow:
-            tokens, probs = candidate_rows(logits[0, follow], self.width)  # (rows, width) each
-            top_tokens, top_probs = tokens.flatten().tolist(), probs.flatten().tolist()
-        return self.absorb(tree, path, next_token, top_tokens, top_probs)
+        return torch.cat(
+            [head.double(), top_tokens.flatten().double(), top_probs.flatten().double()]
+        )
 
     def absorb(
         self,
@@ -176,7 +209,9 @@ class AutoTreeDecoder:
         """One plain step (a one-node tree, or the last positions of the context)."""
         cache_lens = torch.tensor([self.cache_len], device=self.device)
         logits = self.model(
-            torch.tensor([[self.output[-1]]], device=self.device), cache_lens=cache_lens
+            torch.tensor([[self.output[-1]]], device=self.device),
+            cache_lens=cache_lens,
+            max_cache_len=self.cache_len,
         )
         if self.sampler is not None:  # the fed token sits at the cache length
             return self.absorb_single(self.sampler.draw(logits[0, -1], self.cache_len))
@@ -228,3 +263,22 @@ class AutoTreeDecoder:
             "common_shapes": common,
             "predicted_step_ms": round(1e3 * self.predicted_seconds / built, 2),
         }
+
+
+def _follow_table(tree: BuiltTree) -> tuple[torch.Tensor, list[int]]:
+    """``tree.continuation(node)[:JACOBI_ROWS]`` for every node, as a -1 padded CPU tensor
+    [T, JACOBI_ROWS], and each row's length: the device step picks the chosen node's row."""
+    best: dict[int, int] = {}
+    for child in range(1, tree.num_nodes):
+        parent = tree.parents[child]
+        if parent not in best or tree.values[child] > tree.values[best[parent]]:
+            best[parent] = child
+    rows, lengths = [], []
+    for node in range(tree.num_nodes):
+        row = []
+        while node in best and len(row) < JACOBI_ROWS:
+            node = best[node]
+            row.append(node)
+        lengths.append(len(row))
+        rows.append(row + [-1] * (JACOBI_ROWS - len(row)))
+    return torch.tensor(rows, dtype=torch.long), lengths

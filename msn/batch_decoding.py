@@ -383,7 +383,8 @@ def _greedy_step(model, rows: list[_Row]) -> list[list[int]]:
     device = model.device
     tokens = torch.tensor([[row.output[-1]] for row in rows], device=device)  # (B, 1)
     cache_lens = torch.tensor([row.cache_len for row in rows], device=device)
-    logits = model(tokens, cache_lens=cache_lens)
+    bound = max(row.cache_len for row in rows)  # host-side: no read-back in the pass
+    logits = model(tokens, cache_lens=cache_lens, max_cache_len=bound)
     return [[token] for token in logits[:, -1].argmax(dim=-1).tolist()]
 
 
@@ -409,6 +410,7 @@ def _fixed_tree_step(model, tree: TreeSpec, rows: list[_Row]) -> list[list[int]]
         positions=cache_lens[:, None] + shared.depths[None],
         cache_lens=cache_lens,
         tree_mask=shared.mask,
+        max_cache_len=max(row.cache_len for row in rows),
     )
     verdict = greedy_verify(logits, torch.tensor(checked, device=device), shared.parents)
     model.compact_cache(cache_lens, verdict.accepted_nodes)
@@ -466,6 +468,7 @@ def _auto_step(model, plan: _Plan, rows: list[_Row]) -> list[list[int]]:
         positions=cache_lens[:, None] + depths,
         cache_lens=cache_lens,
         tree_mask=ancestors,
+        max_cache_len=max(row.cache_len for row in rows),
     )
     verdict = verify_row_trees(
         logits,

@@ -31,9 +31,11 @@ from msn.interop import decoding_entry
 from msn.latency import LatencyProfile, latency_profile
 from msn.retrieval import NgramIndex
 from msn.sampling import Sampler, make_sampler
+from msn.step_graph import StepRunner, length_bound, use_cuda_graph
 from msn.tree import JACOBI, TreeSpec, chain_tree, paper_tree, parse_tree
 from msn.validation import check_generate_inputs, check_tree
 from msn_kernels import greedy_verify
+from msn_kernels.greedy_verify import _tree_tensors
 
 METHODS = ("greedy", "jacobi", "tr-jacobi")
 AUTO = "auto"
@@ -119,6 +121,7 @@ def generate(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    cuda_graph: bool | None = None,
 ) -> GenerationResult:
     """Decode up to `max_new_tokens` new tokens after `input_ids` ([1, L] or a list of ints).
 
@@ -143,6 +146,10 @@ def generate(
     `msn.from_transformers`, sharing its weights). Calls on one model hold its lock
     (`msn.interop.exclusive`) throughout: concurrent calls from several threads run one after
     another, each with the output it would have alone.
+
+    `cuda_graph`: replay each decode step as a captured CUDA graph (`msn.step_graph`). None
+    (default) does so where it can: a CUDA model, Triton kernels, greedy decoding; False runs
+    every step eagerly (the CPU path); True insists, and raises where it cannot.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
@@ -162,6 +169,7 @@ def generate(
     check_tree(decoder_tree, model, prompt.shape[1], limit, max_new_tokens)
     auto = decoder_tree == AUTO
     sampler = make_sampler(do_sample, temperature, top_k, top_p, seed, model.device)
+    runner = StepRunner(model, use_cuda_graph(cuda_graph, model, sampler is not None))
     if auto:
         latency = latency or latency_profile(model)
         if acceptance is None:
@@ -194,17 +202,20 @@ def generate(
         _emit(stopper.cut([first]), output, streamer)
         if decoder_tree is None:
             _greedy_loop(
-                model, output, prompt.shape[1], stopper, accept_lengths, streamer, limit, sampler
-            )
+                model, output, prompt.shape[1], stopper, accept_lengths, streamer, limit, sampler,
+                runner, capacity,
+            )  # fmt: skip
         else:
             draft_seed = 0 if seed is None else seed
             if auto:
                 decoder = AutoTreeDecoder(
                     model, output, latency, acceptance, retrieval, max_nodes=tree_size,
-                    seed=draft_seed, sampler=sampler,
+                    seed=draft_seed, sampler=sampler, runner=runner,
                 )  # fmt: skip
             else:
-                decoder = TreeDecoder(model, decoder_tree, output, seed=draft_seed, sampler=sampler)
+                decoder = TreeDecoder(
+                    model, decoder_tree, output, seed=draft_seed, sampler=sampler, runner=runner
+                )
             while stopper.reason is None:
                 if len(output) > limit:
                     stopper.reason = "context"
@@ -321,24 +332,51 @@ def _pick(logits: Tensor, position: int, sampler: Sampler | None) -> int:
 
 
 def _greedy_loop(
-    model, output, prompt_len, stopper, accept_lengths, streamer, limit, sampler=None
+    model,
+    output,
+    prompt_len,
+    stopper,
+    accept_lengths,
+    streamer,
+    limit,
+    sampler=None,
+    runner=None,
+    capacity=None,
 ) -> None:
-    """Plain autoregressive decoding (or ancestral sampling) through the same model and cache."""
-    device = model.device
-    cache_len = torch.tensor([prompt_len], device=device)
-    token = torch.tensor([[output[-1]]], device=device)
+    """Plain autoregressive decoding (or ancestral sampling) through the same model and cache.
+
+    Each step feeds the pending token and the cache length from the host, runs
+    `_greedy_device_step` (no read-back inside; a CUDA graph where `runner` replays them) and
+    reads the next token back: the step's one synchronisation.
+    """
+    runner = runner or StepRunner(model, graphs=False)
+    capacity = capacity or model.cache.max_seq_len  # the cache generate set up
+    cache_len = prompt_len  # on the host: no read-back for the bounds
     while stopper.reason is None:
-        if int(cache_len) + 1 > limit:
+        if cache_len + 1 > limit:
             stopper.reason = "context"
             break
-        logits = model(token, cache_lens=cache_len)
-        if sampler is not None:
-            logits = sampler.perturb(logits[:, -1:], int(cache_len))
-        token = logits[:, -1].argmax(dim=-1, keepdim=True)
+
+        def step(token: Tensor, cache_lens: Tensor, bound: int, position: int = cache_len):
+            return _greedy_device_step(model, sampler, position, token, cache_lens, bound)
+
+        inputs = (torch.tensor([[output[-1]]]), torch.tensor([cache_len]))
+        bound = length_bound(cache_len, capacity - 1)
+        token = runner(("greedy",), step, inputs, bound)
         cache_len += 1
         emitted = stopper.cut([int(token)])
         accept_lengths.append(len(emitted))
         _emit(emitted, output, streamer)
+
+
+def _greedy_device_step(
+    model, sampler: Sampler | None, position: int, token: Tensor, cache_lens: Tensor, bound: int
+) -> Tensor:
+    """One plain step on the device: the next token [1, 1] after `token` [1, 1]."""
+    logits = model(token, cache_lens=cache_lens, max_cache_len=bound)
+    if sampler is not None:  # never captured (use_cuda_graph): `position` is a host value
+        logits = sampler.perturb(logits[:, -1:], position)
+    return logits[:, -1].argmax(dim=-1, keepdim=True)
 
 
 class TreeDecoder:
@@ -355,9 +393,11 @@ class TreeDecoder:
         output: list[int],
         seed: int = 0,
         sampler: Sampler | None = None,
+        runner: StepRunner | None = None,
     ):
         self.model = model
         self.sampler = sampler  # None: greedy; else draws verified on perturbed logits
+        self.runner = runner or StepRunner(model, graphs=False)
         self.tree = tree
         self.output = output
         self.device = model.device
@@ -372,6 +412,7 @@ class TreeDecoder:
         self.depths = tensors.depths
         self.parents = tree.parents
         self.cache_len = len(output) - 1
+        self.capacity: int | None = None  # the cache's length, as `fits` last saw it
         continuation = _continuations(tree)
         self.continuation = continuation.to(self.device)
         self.follow_lengths = (continuation >= 0).sum(dim=1).tolist()
@@ -396,6 +437,7 @@ class TreeDecoder:
 
     def fits(self, capacity: int) -> bool:
         """Whether a whole tree still fits in the cache after the prefix."""
+        self.capacity = capacity
         return self.cache_len + self.tree.num_nodes <= capacity
 
     def extend_retrieval(self, chunk: list[int]) -> None:
@@ -439,33 +481,53 @@ class TreeDecoder:
         return next(t for t in range(self.vocab_size) if t not in avoid)
 
     def step(self) -> list[int]:
-        """One tree step; returns the emitted tokens (accepted drafts plus the bonus token)."""
+        """One tree step; returns the emitted tokens (accepted drafts plus the bonus token).
+
+        The host builds the tree tokens, `device_step` runs the pass with no read-back (as a
+        CUDA graph where the runner replays them), and the packed verdict comes back in one
+        transfer: the step's one synchronisation.
+        """
         node_tokens = self.tree_tokens()
-        tokens = torch.tensor([node_tokens], device=self.device)
-        cache_lens = torch.tensor([self.cache_len], device=self.device)
+        inputs = (torch.tensor([node_tokens]), torch.tensor([self.cache_len]))
+        keep = (self.mask, self.depths, self.continuation, _tree_tensors(self.parents, self.device))
+        packed = self.runner(
+            ("tree", self.tree, self.row_size), self.device_step, inputs,
+            length_bound(self.cache_len, self._capacity() - self.tree.num_nodes),
+            keep=keep,
+        ).tolist()  # fmt: skip
+        accept_len, next_token = packed[0], packed[1]
+        path = packed[2 : 2 + accept_len + 1]
+        top_rows = packed[2 + self.depth + 1 :]
+        return self.absorb(node_tokens, path, next_token, top_rows)
+
+    def _capacity(self) -> int:
+        return self.capacity if self.capacity is not None else self.model.cache.max_seq_len
+
+    def device_step(self, tokens: Tensor, cache_lens: Tensor, bound: int) -> Tensor:
+        """Forward, verify, compact and Jacobi update on the device; nothing read back.
+
+        `tokens` [1, T] and `cache_lens` [1] on the device; `bound` >= the cache length, on the
+        host. Returns accept_len, next_token, the accepted nodes (depth + 1, -1 padded) and the
+        top `row_size` tokens at each node of the chosen node's continuation, as one tensor.
+        """
         logits = self.model(
             tokens,
             positions=cache_lens[:, None] + self.depths[None],
             cache_lens=cache_lens,
             tree_mask=self.mask,
+            max_cache_len=bound,
         )
         scores = logits
-        if self.sampler is not None:
+        if self.sampler is not None:  # never captured (use_cuda_graph): cache_len is host state
             scores = self.sampler.perturb(logits, self.cache_len, self.depths, self.depth)
         verdict = greedy_verify(scores, tokens, self.parents)
         self.model.compact_cache(cache_lens, verdict.accepted_nodes)
-
-        # Jacobi update, read back with the verdict in a single transfer.
         chosen = verdict.accepted_nodes[0].gather(0, verdict.accept_len)  # (1,)
-        follow = self.continuation.index_select(0, chosen)[0]  # (depth,), no host sync
+        follow = self.continuation.index_select(0, chosen)[0]  # (depth,)
         top = logits[0, follow.clamp(min=0)].topk(self.row_size, dim=-1).indices  # (depth, K+1)
-        packed = torch.cat(
+        return torch.cat(
             [verdict.accept_len, verdict.next_token, verdict.accepted_nodes[0], top.flatten()]
-        ).tolist()
-        accept_len, next_token = packed[0], packed[1]
-        path = packed[2 : 2 + accept_len + 1]
-        top_rows = packed[2 + self.depth + 1 :]
-        return self.absorb(node_tokens, path, next_token, top_rows)
+        )
 
     def absorb(
         self, node_tokens: list[int], path: list[int], next_token: int, top_rows: list[int]
@@ -495,7 +557,9 @@ class TreeDecoder:
         """One plain step, for the last positions of the context where the tree cannot fit."""
         cache_lens = torch.tensor([self.cache_len], device=self.device)
         logits = self.model(
-            torch.tensor([[self.output[-1]]], device=self.device), cache_lens=cache_lens
+            torch.tensor([[self.output[-1]]], device=self.device),
+            cache_lens=cache_lens,
+            max_cache_len=self.cache_len,
         )
         return self.absorb_single(_pick(logits[0, -1], self.cache_len, self.sampler))
 

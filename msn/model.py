@@ -11,7 +11,9 @@ Two kinds of call:
 - `model(tokens, positions=..., cache_lens=..., tree_mask=...)`: the T new tokens of each
   row b are written to cache slots `[cache_lens[b], cache_lens[b] + T)` and attend to the
   cached prefix plus the new block as `tree_mask` allows. Their rotary positions are
-  `positions` (for a tree: prefix length + depth).
+  `positions` (for a tree: prefix length + depth). With `max_cache_len` (a host-side bound
+  on `cache_lens` that the caller already knows) such a call reads nothing back to the host,
+  so it can run inside a CUDA graph (`msn.step_graph`).
 """
 
 from __future__ import annotations
@@ -145,6 +147,7 @@ class Attention(nn.Module):
         cache: KVCache | None,
         cache_lens: Tensor | None,
         tree_mask: Tensor | None,
+        max_cache_len: int | None = None,
     ) -> Tensor:
         batch, steps, _ = x.shape
         q = self.q_proj(x).view(batch, steps, self.num_heads, self.head_dim).transpose(1, 2)
@@ -167,6 +170,7 @@ class Attention(nn.Module):
                 cache_lens,
                 tree_mask,
                 check_lens=False,  # Transformer.forward checked the bound once for all layers
+                max_cache_len=max_cache_len,  # host-side: sizes the split count, no read-back
             )
         out = out.transpose(1, 2).reshape(batch, steps, self.num_heads * self.head_dim)
         return self.o_proj(out)
@@ -203,8 +207,11 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = FeedForward(config)
 
-    def forward(self, x: Tensor, cos, sin, cache, cache_lens, tree_mask) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, cache_lens, tree_mask)
+    def forward(self, x: Tensor, cos, sin, cache, cache_lens, tree_mask, max_cache_len=None):
+        attn = self.self_attn(
+            self.input_layernorm(x), cos, sin, cache, cache_lens, tree_mask, max_cache_len
+        )
+        x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -296,12 +303,17 @@ class Transformer(nn.Module):
         cache_lens: Tensor | None = None,
         tree_mask: Tensor | None = None,
         last_only: bool = False,
+        max_cache_len: int | None = None,
     ) -> Tensor:
         """Logits [B, T, V] (or [B, 1, V] with `last_only`).
 
         Without `cache_lens`: a causal pass from position 0. With `cache_lens` [B]: the tokens
         go to cache slots after each row's prefix; `positions` [B, T] defaults to those slots
-        and `tree_mask` ([T, T] or [B, T, T], bool) to causal.
+        and `tree_mask` ([T, T] or [B, T, T], bool) to causal. `max_cache_len`: an int bound
+        on `cache_lens` known on the host (a decoder's own count; any value >= the largest
+        length is correct). Given, the bounds check uses it and the call reads nothing back
+        (no GPU synchronisation, so it can be captured in a CUDA graph); the attention sizes
+        its split count from it. None reads `cache_lens.max()` back instead.
         """
         batch, steps = tokens.shape
         if cache_lens is None:
@@ -322,10 +334,12 @@ class Transformer(nn.Module):
                     "a call with cache_lens needs a KV cache for the batch: call "
                     "model.setup_cache(batch_size, max_seq_len) and prefill first."
                 )
-            if int(cache_lens.max()) + steps > cache.max_seq_len:
+            if max_cache_len is None:
+                max_cache_len = int(cache_lens.max())  # a read-back: syncs a GPU
+            if max_cache_len + steps > cache.max_seq_len:
                 raise ValueError(
                     f"the KV cache holds {cache.max_seq_len} positions, but a prefix of "
-                    f"{int(cache_lens.max())} plus {steps} new tokens does not fit; set up a "
+                    f"{max_cache_len} plus {steps} new tokens does not fit; set up a "
                     "larger cache (setup_cache(max_seq_len=...))."
                 )
             if positions is None:
@@ -336,7 +350,7 @@ class Transformer(nn.Module):
         cos, sin = self.rotary(positions, cached=cache_lens is not None)
         x = self.embed_tokens(tokens)
         for layer in self.layers:
-            x = layer(x, cos, sin, cache, cache_lens, tree_mask)
+            x = layer(x, cos, sin, cache, cache_lens, tree_mask, max_cache_len)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))

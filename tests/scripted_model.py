@@ -42,7 +42,10 @@ class ScriptedModel:
         vocab = torch.arange(self.config.vocab_size)
         return -((target - vocab) % self.config.vocab_size).double()
 
-    def __call__(self, tokens, positions=None, cache_lens=None, tree_mask=None, last_only=False):
+    def __call__(
+        self, tokens, positions=None, cache_lens=None, tree_mask=None, last_only=False,
+        max_cache_len=None,
+    ):  # fmt: skip
         self.forward_calls += 1
         row = tokens[0].tolist()
         if cache_lens is None:

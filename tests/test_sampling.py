@@ -146,7 +146,10 @@ class BlockModel(ScriptedModel):
             self.table[block] = self.scale * noise
         return self.table[block]
 
-    def __call__(self, tokens, positions=None, cache_lens=None, tree_mask=None, last_only=False):
+    def __call__(
+        self, tokens, positions=None, cache_lens=None, tree_mask=None, last_only=False,
+        max_cache_len=None,
+    ):  # fmt: skip
         self.forward_calls += 1
         row = tokens[0].tolist()
         start = 0 if cache_lens is None else int(cache_lens[0])
