@@ -13,6 +13,7 @@ import contextlib
 import functools
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -254,3 +255,16 @@ def test_graph_replay_equals_eager_on_cuda(tmp_path, dtype):
         assert graphed.accept_lengths == eager.accept_lengths, options
     stats = model._msn_step_graphs.stats()
     assert stats["captures"] > 0 and stats["replays"] > stats["captures"]
+
+
+def test_the_gpu_benchmark_runs_on_a_tiny_model(tmp_path, monkeypatch):
+    """benchmarks/bench_step_graph.py's --tiny smoke path (the GPU suite runs the real one)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_step_graph
+
+    report = bench_step_graph.main(["--tiny", "--out", str(tmp_path), "--new-tokens", "4"])
+    assert set(report["runs"]) >= {"greedy/eager", "paper/eager", "auto/eager"}
+    assert report["runs"]["paper/eager"]["same_tokens_as_greedy"]
+    assert report["runs"]["auto/eager"]["same_tokens_as_greedy"]
+    assert report["runs"]["greedy/eager"]["host_ms_per_step"] > 0
+    assert "| paper/eager |" in (tmp_path / "step_graph.md").read_text()
