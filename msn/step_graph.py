@@ -25,6 +25,10 @@ import torch
 from torch import Tensor
 
 from msn_kernels.dispatch import forced_reference
+from msn_kernels.tree_attention import TRITON_HEAD_DIMS
+
+GRAPH_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+"""dtypes whose kernels all run as Triton on CUDA (others take the references, which read back)."""
 
 BOUND_MIN = 256
 """Smallest length bound: shorter prefixes all take one bound (one graph)."""
@@ -48,9 +52,10 @@ def length_bound(cache_len: int, room: int) -> int:
 def use_cuda_graph(cuda_graph: bool | None, model, sampled: bool) -> bool:
     """Whether a generate call replays CUDA graphs: ``None`` means yes where it can.
 
-    It can on a CUDA model whose kernels run as Triton (``MSN_KERNELS=torch`` selects the
-    PyTorch references, which read lengths back) when decoding greedily (sampled steps draw
-    host-side noise per position and stay eager). ``True`` where it cannot raises ValueError.
+    It can on a CUDA model whose kernels all run as Triton (fp16, bf16 or fp32, head dim 16 to
+    128; ``MSN_KERNELS=torch`` or other dtypes select the PyTorch references, which read lengths
+    back) when decoding greedily (sampled steps draw host-side noise per position and stay
+    eager). ``True`` where it cannot raises ValueError.
     """
     if cuda_graph is not None and not isinstance(cuda_graph, bool):
         raise ValueError(f"cuda_graph must be True, False or None, got {cuda_graph!r}.")
@@ -59,6 +64,12 @@ def use_cuda_graph(cuda_graph: bool | None, model, sampled: bool) -> bool:
         reason = f"the model is on {model.device}, not a CUDA device"
     elif forced_reference():
         reason = "MSN_KERNELS=torch selects the PyTorch reference kernels, which read back"
+    elif model.dtype not in GRAPH_DTYPES or model.config.head_dim not in TRITON_HEAD_DIMS:
+        reason = (
+            f"{model.dtype} with head dim {model.config.head_dim} runs the PyTorch reference "
+            "kernels, which read back (Triton takes fp16/bf16/fp32, head dims "
+            f"{', '.join(map(str, TRITON_HEAD_DIMS))})"
+        )
     elif sampled:
         reason = "do_sample=True steps draw per-position noise on the host"
     if cuda_graph is None:

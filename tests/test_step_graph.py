@@ -219,7 +219,7 @@ def test_a_sync_reintroduced_into_the_step_fails_the_check(tiny_fp32, monkeypatc
         msn.generate(tiny_fp32, _prompt(), 4, tree="paper", eos_token_id=[])
 
 
-def test_length_bound_and_the_switch():
+def test_length_bound_and_the_switch(monkeypatch):
     assert [length_bound(n, 8000) for n in (0, 1, 256, 257, 3000)] == [256, 256, 256, 512, 4096]
     assert length_bound(3000, 3500) == 3500 and length_bound(10, 100) == 100
 
@@ -232,6 +232,24 @@ def test_length_bound_and_the_switch():
         use_cuda_graph(True, CpuModel(), sampled=False)
     with pytest.raises(ValueError, match="cuda_graph must be"):
         use_cuda_graph("yes", CpuModel(), sampled=False)
+
+    class CudaModel:  # nothing here touches CUDA: the rule only reads these attributes
+        device = torch.device("cuda", 0)
+        dtype = torch.bfloat16
+        config = type("Config", (), {"head_dim": 128})()
+
+    assert use_cuda_graph(None, CudaModel(), sampled=False) is True
+    assert use_cuda_graph(None, CudaModel(), sampled=True) is False  # host-side noise
+    with pytest.raises(ValueError, match="do_sample"):
+        use_cuda_graph(True, CudaModel(), sampled=True)
+    CudaModel.dtype = torch.float64  # the reference kernels read lengths back
+    assert use_cuda_graph(None, CudaModel(), sampled=False) is False
+    CudaModel.dtype, CudaModel.config.head_dim = torch.float16, 96
+    assert use_cuda_graph(None, CudaModel(), sampled=False) is False
+    CudaModel.config.head_dim = 64
+    monkeypatch.setenv("MSN_KERNELS", "torch")
+    with pytest.raises(ValueError, match="MSN_KERNELS"):
+        use_cuda_graph(True, CudaModel(), sampled=False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
