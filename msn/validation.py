@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from msn_kernels.greedy_verify import MAX_TRITON_NODES, verify_uses_triton
+
 
 def check_generate_inputs(
     model: Any,
@@ -119,6 +121,14 @@ def check_tree(tree: Any, model: Any, prompt_len: int, limit: int, max_new_token
             f"the tree needs {tree.max_top_k} distinct candidates at one depth, but the model's "
             f"vocabulary has only {vocab} tokens; use a narrower tree (e.g. tree='paper' or "
             "'comb:10,1,1,1,1')."
+        )
+    dtype, device = getattr(model, "dtype", None), getattr(model, "device", None)
+    big = tree.num_nodes > MAX_TRITON_NODES
+    if big and isinstance(dtype, torch.dtype) and verify_uses_triton(dtype, torch.device(device)):
+        raise ValueError(
+            f"the tree has {tree.num_nodes} nodes, but the Triton verification kernel takes at "
+            f"most {MAX_TRITON_NODES}; use a smaller tree (e.g. tree='paper', 69 nodes, or "
+            "tree='auto'), or MSN_KERNELS=torch for the PyTorch kernels, which have no limit."
         )
     room = limit - prompt_len
     if max_new_tokens > 1 and tree.num_nodes > room:

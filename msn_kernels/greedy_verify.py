@@ -33,6 +33,12 @@ MAX_TRITON_NODES = 256  # the walk kernel's limit, checked for spills by the cod
 _INT32_MAX = tl.constexpr(2**31 - 1)  # padding index, above any token id
 
 
+def verify_uses_triton(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `greedy_verify` on logits of this dtype and device runs the Triton kernels
+    (and so takes at most MAX_TRITON_NODES nodes), rather than the PyTorch reference."""
+    return dtype in _TRITON_DTYPES and use_triton(_argmax_partial_kernel, device)
+
+
 class VerifyResult(NamedTuple):
     """Outcome of one verification step, all int64 tensors on the logits' device."""
 
@@ -280,7 +286,7 @@ def greedy_verify(
     """
     parents_tuple = _as_tuple(parents)
     _validate(logits, tree_tokens, parents_tuple)
-    if logits.dtype in _TRITON_DTYPES and use_triton(_argmax_partial_kernel, logits.device):
+    if verify_uses_triton(logits.dtype, logits.device):
         if logits.shape[1] > MAX_TRITON_NODES:
             raise ValueError(
                 f"greedy_verify's Triton kernel takes trees of at most {MAX_TRITON_NODES} nodes, "

@@ -17,6 +17,7 @@ from test_train import RECORDS, InterruptAfterSave, Interrupted, tiny_args
 import msn
 from msn.cli import main as cli_main
 from msn.train import resolve_max_length, train
+from msn_kernels.greedy_verify import verify_uses_triton
 from msn_kernels.tree_attention import tree_attention_reference, tree_attention_triton
 
 
@@ -197,13 +198,23 @@ def test_tree_wider_than_the_vocabulary_is_refused(model):
         msn.generate(model, [3, 4, 5], max_new_tokens=4, method="tr-jacobi", tree="comb:321")
 
 
-def test_tree_as_wide_as_the_vocabulary_still_decodes_like_greedy(tiny_checkpoint):
+def test_tree_as_wide_as_the_vocabulary_still_decodes_like_greedy(tiny_checkpoint, monkeypatch):
+    monkeypatch.setenv("MSN_KERNELS", "torch")  # the PyTorch kernels take trees of any size
     model = msn.load_model(tiny_checkpoint, dtype=torch.float32, max_seq_len=400)
     greedy = msn.generate(model, [3, 4, 5], max_new_tokens=4, method="greedy", eos_token_id=[])
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the tree fits: no fallback to greedy steps
         wide = msn.generate(model, [3, 4, 5], 4, "tr-jacobi", tree="comb:320", eos_token_id=[])
     assert torch.equal(wide.output_ids, greedy.output_ids)
+
+
+def test_tree_over_the_triton_verify_limit_is_refused_up_front(tiny_checkpoint, monkeypatch):
+    monkeypatch.delenv("MSN_KERNELS", raising=False)
+    model = msn.load_model(tiny_checkpoint, dtype=torch.float32, max_seq_len=400)
+    if not verify_uses_triton(model.dtype, model.device):
+        pytest.skip("the Triton kernels are not in use here (no GPU, no TRITON_INTERPRET=1)")
+    with pytest.raises(ValueError, match="320 nodes.*at most 256.*MSN_KERNELS=torch"):
+        msn.generate(model, [3, 4, 5], 4, "tr-jacobi", tree="comb:319", eos_token_id=[])
 
 
 def test_tree_too_large_for_the_context_warns(tiny_checkpoint):
