@@ -36,7 +36,10 @@ class ZeroCostModel:
     def setup_cache(self, batch_size: int = 1, max_seq_len: int | None = None) -> None:
         pass
 
-    def __call__(self, tokens, positions=None, cache_lens=None, tree_mask=None, last_only=False):
+    def __call__(
+        self, tokens, positions=None, cache_lens=None, tree_mask=None, last_only=False,
+        max_cache_len=None,
+    ):  # fmt: skip
         return self.logits[:, -1:] if last_only else self.logits[:, : tokens.shape[1]]
 
     def compact_cache(self, cache_lens, accepted_nodes) -> None:
