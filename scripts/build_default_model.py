@@ -29,6 +29,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from collections import Counter
 from pathlib import Path
@@ -116,6 +117,33 @@ def train_command(args, data: Path, output: Path, noise: bool) -> list[str]:
         noise_options.append("--distill-from-base")
     command += noise_options if noise else ["--no-noise"]
     return command + (["--resume"] if (output / "checkpoints").is_dir() else [])
+
+
+def reflow_bullets(markdown: str, width: int = 96) -> str:
+    """Re-wrap each "- " bullet (with its two-space continuation lines) to `width` columns.
+
+    The card's bullets interleave fixed text with figures of any length, so they are written
+    loosely and wrapped here; other lines (headings, the indented commands) stay as they are.
+    """
+    lines, out, bullet = markdown.split("\n"), [], []
+
+    def flush() -> None:
+        if bullet:
+            text = " ".join(part.strip() for part in bullet)
+            out.extend(textwrap.wrap(text, width, subsequent_indent="  ", break_on_hyphens=False))
+            bullet.clear()
+
+    for line in lines:
+        if line.startswith("- "):
+            flush()
+            bullet.append(line)
+        elif bullet and line.startswith("  ") and not line.startswith("    "):
+            bullet.append(line)
+        else:
+            flush()
+            out.append(line)
+    flush()
+    return "\n".join(out)
 
 
 def model_card(args, summary: dict, data_stats: dict, log: list[dict]) -> str:
@@ -215,7 +243,7 @@ def main() -> None:
             for dtype, count in Counter(r.get("dtype", "float32") for r in records).items()
         ),
     }
-    (output / "README.md").write_text(model_card(args, summary, data_stats, log))
+    (output / "README.md").write_text(reflow_bullets(model_card(args, summary, data_stats, log)))
     build_info = {
         "settings": vars(args),
         "data": data_stats,
