@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from msn.bench import repeated_ngram_share
+
 HOLDOUT_EVERY = 10
 STDLIB_MODULES = [
     "base64", "bisect", "calendar", "colorsys", "csv", "datetime", "difflib", "fnmatch",
@@ -209,13 +211,6 @@ def make_prompts(seed: int) -> list[tuple[str, str]]:
     return prompts
 
 
-def repetition(text: str) -> float:
-    """The share of an answer's word 4-grams that repeat an earlier one (0: none, ~1: a loop)."""
-    words = text.split()
-    grams = [tuple(words[i : i + 4]) for i in range(len(words) - 3)]
-    return 1 - len(set(grams)) / len(grams) if grams else 0.0
-
-
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="base model: checkpoint directory or .gguf")
@@ -318,7 +313,7 @@ def main() -> None:
     for i in range(len(prompts)):
         if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1:
             splits["heldout"].append(done[i])
-        elif repetition(done[i]["response"]) > args.max_repetition:
+        elif repeated_ngram_share(done[i]["response"]) > args.max_repetition:
             looping += 1
         else:
             splits["train"].append(done[i])
