@@ -59,7 +59,7 @@ from msn.interop import decoding_entry
 from msn.latency import LatencyProfile, latency_profile
 from msn.model import KVCache
 from msn.tree import TreeSpec
-from msn.validation import check_generate_inputs, check_tree
+from msn.validation import check_generate_inputs, check_prompt_fits, check_tree
 from msn_kernels import VerifyResult, greedy_verify
 
 
@@ -242,12 +242,7 @@ def _prompt_list(model, prompts, max_new_tokens, method, eos_token_id, tree) -> 
             tensor = _prompt_tensor(prompt)
         except ValueError as error:
             raise ValueError(f"prompts[{i}]: {error}") from error
-        if tensor.shape[1] > limit:
-            raise ValueError(
-                f"prompts[{i}] has {tensor.shape[1]} tokens, more than the model's context of "
-                f"{limit}; shorten that prompt (or load the model with a larger max_seq_len if "
-                "its RoPE scaling allows)."
-            )
+        check_prompt_fits(tensor.shape[1], limit, name=f"prompts[{i}]")
         tensors.append(tensor)
     return tensors
 

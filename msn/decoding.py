@@ -33,7 +33,7 @@ from msn.retrieval import NgramIndex
 from msn.sampling import Sampler, make_sampler
 from msn.step_graph import StepRunner, length_bound, use_cuda_graph
 from msn.tree import JACOBI, TreeSpec, chain_tree, paper_tree, parse_tree
-from msn.validation import check_generate_inputs, check_tree
+from msn.validation import check_generate_inputs, check_prompt_fits, check_tree
 from msn_kernels import greedy_verify
 from msn_kernels.greedy_verify import _tree_tensors
 
@@ -158,12 +158,7 @@ def generate(
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
     limit = model.max_seq_len
-    if prompt.shape[1] > limit:
-        raise ValueError(
-            f"the prompt has {prompt.shape[1]} tokens, more than the model's context of {limit}; "
-            "shorten the prompt (or load the model with a larger max_seq_len if its RoPE "
-            "scaling allows)."
-        )
+    check_prompt_fits(prompt.shape[1], limit)
     eos_ids = _eos_ids(model, eos_token_id)
     decoder_tree = _tree_for(method, tree, retrieval)
     check_tree(decoder_tree, model, prompt.shape[1], limit, max_new_tokens)

@@ -111,6 +111,15 @@ def check_eos_token_id(eos_token_id: Any) -> None:
         )
 
 
+def check_prompt_fits(length: int, limit: int, name: str = "the prompt") -> None:
+    """Refuse a prompt longer than the model's context (`name` says which prompt)."""
+    if length > limit:
+        raise ValueError(
+            f"{name} has {length} tokens, more than the model's context of {limit}; shorten "
+            "it (or load the model with a larger max_seq_len if its RoPE scaling allows)."
+        )
+
+
 def check_tree(tree: Any, model: Any, prompt_len: int, limit: int, max_new_tokens: int) -> None:
     """Refuse a tree wider than the vocabulary; warn when it cannot fit the context at all."""
     if not hasattr(tree, "max_top_k"):  # None (greedy) or "auto", which sizes itself
