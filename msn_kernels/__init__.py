@@ -1,7 +1,8 @@
 """Fused Triton kernels for tree-based decoding, each beside its PyTorch reference.
 
 This package knows nothing of models: it works on plain tensors. `msn_kernels.dispatch` picks
-Triton (CUDA, or CPU under TRITON_INTERPRET=1) or the reference (otherwise, or MSN_KERNELS=torch).
+Triton (CUDA, or CPU under TRITON_INTERPRET=1), or PyTorch: tree attention's SDPA path on
+CPU, the reference otherwise or under MSN_KERNELS=torch.
 """
 
 from msn_kernels.compact_kv import compact_kv, compact_kv_reference

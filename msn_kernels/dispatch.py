@@ -2,8 +2,9 @@
 
 - `MSN_KERNELS=torch` forces the PyTorch reference everywhere.
 - CUDA tensors run the Triton kernel.
-- CPU tensors run the Triton kernel through the interpreter when `TRITON_INTERPRET=1`, and the
-  PyTorch reference otherwise.
+- CPU tensors run the Triton kernel through the interpreter when `TRITON_INTERPRET=1`, and
+  otherwise PyTorch: the reference, or where a kernel has one, its CPU path (tree attention's
+  single `scaled_dot_product_attention` call).
 
 The environment is read at call time. Triton itself decides at decoration time (when
 `msn_kernels` is imported) whether a kernel is compiled or interpreted, so a CPU call only takes

@@ -14,8 +14,9 @@ The Triton kernel is built for the memory-bound decode regime (flash-decoding):
   share of the prefix; the prefix loop carries no mask beyond the sequence bound.
 
 Triton covers head dims 16, 32, 64 and 128 in fp16, bf16 and fp32 (fp32 accumulation, bf16 is
-widened to fp32 under the interpreter, which cannot do bf16 arithmetic). float64 and other head
-dims use the PyTorch reference.
+widened to fp32 under the interpreter, which cannot do bf16 arithmetic). Otherwise CPU tensors
+take `tree_attention_sdpa` (one fused PyTorch call); float64, other devices and
+MSN_KERNELS=torch take the reference.
 """
 
 import functools
@@ -23,10 +24,11 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from msn_kernels.dispatch import use_triton
+from msn_kernels.dispatch import forced_reference, use_triton
 
 _LOG2E = 1.4426950408889634
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
@@ -212,6 +214,55 @@ def tree_attention_reference(
         out = probs @ values[:, None]  # (Hkv, G, T, D)
         rows.append(out.reshape(Hq, T, D))
     return torch.stack(rows).to(q.dtype) if rows else q.new_empty(q.shape)
+
+
+def tree_attention_sdpa(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_lens: torch.Tensor,
+    tree_mask: torch.Tensor,
+    sm_scale: float | None = None,
+) -> torch.Tensor:
+    """The CPU path: one `scaled_dot_product_attention` call per distinct prefix length.
+
+    The reference spends a dozen small ops per row; in a decode step on CPU those, 30 layers
+    deep, cost as much as a GEMM. Here the GQA group's query heads share their KV head through a
+    reshape (no K/V copy). Rows of equal length go in one call; ragged rows go one at a time, so
+    that, as in the reference, no row reads a cache slot past its own prefix plus tree. Inputs
+    must already be validated.
+    """
+    B, Hq, T, D = q.shape
+    lens = cache_lens.tolist()
+    masks = tree_mask.expand(B, T, T)  # (B, T, T)
+    if len(set(lens)) <= 1:
+        return _sdpa_rows(q, k_cache, v_cache, lens[0] if lens else 0, masks, sm_scale)
+    rows = [
+        _sdpa_rows(q[b : b + 1], k_cache[b : b + 1], v_cache[b : b + 1], n, masks[b : b + 1],
+                   sm_scale)
+        for b, n in enumerate(lens)
+    ]  # fmt: skip
+    return torch.cat(rows)
+
+
+def _sdpa_rows(q, k_cache, v_cache, cache_len: int, masks, sm_scale) -> torch.Tensor:
+    """Rows that share the prefix length `cache_len`; masks [B, T, T]."""
+    B, Hq, T, D = q.shape
+    Hkv = k_cache.shape[1]
+    group = Hq // Hkv
+    n = cache_len + T
+    # Row r of a KV head's query block is query head r // T, node r % T (as in the kernel).
+    queries = q.reshape(B, Hkv, group * T, D)  # (B, Hkv, G*T, D)
+    keys, values = k_cache[:, :, :n], v_cache[:, :, :n]  # (B, Hkv, n, D)
+    if bool(masks.all()):  # every node sees every key: no mask (a plain decode step)
+        out = F.scaled_dot_product_attention(queries, keys, values, scale=sm_scale)
+        return out.view(B, Hq, T, D)
+    visible = torch.cat([masks.new_ones(B, T, cache_len), masks], dim=-1)  # (B, T, n)
+    grouped = visible[:, None, None].expand(B, 1, group, T, n).reshape(B, 1, group * T, n)
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=grouped, scale=sm_scale)
+    if cache_len == 0:  # a node that sees no key at all gets zeros, not NaN
+        out = out.masked_fill(~grouped.any(-1, keepdim=True), 0.0)
+    return out.view(B, Hq, T, D)
 
 
 def _validate(
@@ -495,4 +546,6 @@ def tree_attention(
         return tree_attention_triton(
             q, k_cache, v_cache, cache_lens, tree_mask, sm_scale, num_splits, max_cache_len
         )
+    if q.device.type == "cpu" and q.dtype != torch.float64 and not forced_reference():
+        return tree_attention_sdpa(q, k_cache, v_cache, cache_lens, tree_mask, sm_scale)
     return tree_attention_reference(q, k_cache, v_cache, cache_lens, tree_mask, sm_scale)

@@ -1,5 +1,6 @@
 """Decoders: lossless against greedy (and greedy against transformers), exact step counts."""
 
+import importlib
 import json
 
 import pytest
@@ -51,6 +52,38 @@ def test_every_method_equals_greedy_and_greedy_equals_transformers(tiny_fp64, pr
         assert torch.equal(result.output_ids, greedy.output_ids), options
         assert sum(result.accept_lengths) == NEW_TOKENS - 1
         assert result.steps == len(result.accept_lengths)
+
+
+def test_cpu_fast_path_matches_float64_and_stays_lossless(tmp_path, monkeypatch):
+    """float32 on CPU as users run it: SDPA attention and, from 4 tree tokens, oneDNN-packed
+    linears. A tree pass matches the float64 model, and every method still equals greedy."""
+    ta = importlib.import_module("msn_kernels.tree_attention")  # the package re-exports the name
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # dispatch as on a CPU without the interpreter
+    sdpa_calls = []
+    real_sdpa = ta.tree_attention_sdpa
+    monkeypatch.setattr(
+        ta, "tree_attention_sdpa", lambda *a, **kw: sdpa_calls.append(1) or real_sdpa(*a, **kw)
+    )
+    save_tiny_llama(tmp_path, max_position_embeddings=128, hidden_size=128, num_attention_heads=8)
+    model, model64 = (msn.load_model(tmp_path, dtype=d) for d in (torch.float32, torch.float64))
+    prompt = prompts()[2]
+    tree = comb_tree([4, 2, 1], retrieval_depth=3)
+    tokens = torch.randint(2, 320, (1, tree.num_nodes), generator=torch.Generator().manual_seed(1))
+    logits = []
+    for m in (model, model64):
+        m.setup_cache(1, 128)
+        with torch.no_grad():
+            m(prompt)
+            cache_lens = torch.tensor([prompt.shape[1]])
+            positions = cache_lens[:, None] + torch.tensor(tree.depths)[None]
+            logits.append(m(tokens, positions=positions, cache_lens=cache_lens,
+                            tree_mask=tree.mask))  # fmt: skip
+    assert sdpa_calls and model.lm_head._packed_key is not None  # both fast paths ran
+    torch.testing.assert_close(logits[0].double(), logits[1], atol=1e-4, rtol=0)
+    greedy = msn.generate(model, prompt, NEW_TOKENS, method="greedy", eos_token_id=[])
+    for options in (dict(method="tr-jacobi"), dict(method="tr-jacobi", tree=tree)):
+        result = msn.generate(model, prompt, NEW_TOKENS, eos_token_id=[], **options)
+        assert torch.equal(result.output_ids, greedy.output_ids), options
 
 
 def test_eos_from_the_checkpoint_and_from_a_list(tiny_fp64):

@@ -8,6 +8,7 @@ from conftest import save_tiny_llama
 from transformers import LlamaForCausalLM
 
 import msn
+from msn_kernels.tree_attention import TRITON_HEAD_DIMS
 
 LLAMA3 = dict(num_attention_heads=8, num_key_value_heads=2, hidden_size=64, rope_theta=500000.0)
 LLAMA31 = dict(
@@ -221,7 +222,11 @@ def test_dynamic_rope_tree_pass_rotates_like_greedy(tmp_path):
 
 
 def test_cached_call_reads_the_host_at_most_once(tmp_path):
-    """One bounds check per forward, not one per layer (each is a GPU sync on CUDA)."""
+    """One bounds check per forward, not one per layer (each is a GPU sync on CUDA).
+
+    Head dim 16 takes the Triton kernel (here through the interpreter), as on CUDA; the CPU
+    path (`tree_attention_sdpa`) reads the lengths per layer, which costs nothing on a CPU.
+    """
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class CountItems(TorchDispatchMode):
@@ -232,8 +237,9 @@ def test_cached_call_reads_the_host_at_most_once(tmp_path):
                 CountItems.count += 1
             return func(*args, **(kwargs or {}))
 
-    save_tiny_llama(tmp_path, **LLAMA3, num_hidden_layers=4)
+    save_tiny_llama(tmp_path, **{**LLAMA3, "num_attention_heads": 4}, num_hidden_layers=4)
     model = msn.load_model(tmp_path, max_seq_len=64)
+    assert model.config.head_dim in TRITON_HEAD_DIMS
     model.setup_cache(1, 64)
     model(torch.randint(0, 320, (1, 8)))
     mask = torch.ones(5, 5, dtype=torch.bool).tril()

@@ -300,3 +300,87 @@ def test_split_count_follows_the_host_length_bound(monkeypatch: pytest.MonkeyPat
         torch.testing.assert_close(out.double().cpu(), expected, atol=2e-5, rtol=0)
     with pytest.raises(ValueError, match="max_cache_len must be >= 0"):
         tree_attention(q, k, v, cache_lens, mask, max_cache_len=-1)
+
+
+@pytest.fixture
+def cpu_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dispatch as on a CPU without the interpreter: tree_attention takes its SDPA path."""
+    if DEVICE.type != "cpu":
+        pytest.skip("the SDPA path is the CPU path")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+SDPA_CASES = [
+    # (B, group, D, T, shared_tree, prefix_max): ragged rows, shared prefixes, GQA, T = 1
+    (3, 4, 64, 21, False, 60),
+    (2, 1, 48, 5, True, 30),
+    (2, 8, 64, 1, True, 200),
+    (1, 3, 64, 69, True, 300),
+]
+
+
+@pytest.mark.parametrize(("B", "group", "D", "T", "shared_tree", "prefix_max"), SDPA_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_sdpa_path_matches_oracle(B, group, D, T, shared_tree, prefix_max, dtype, cpu_path):
+    """Cache slots past each row's tree hold NaN: a row that read another row's keys would show."""
+    q, k, v, cache_lens, mask, trees = make_case(
+        B=B, Hkv=2, group=group, T=T, D=D, dtype=dtype, prefix_max=prefix_max,
+        shared_tree=shared_tree, seed=17 * T + D,
+    )  # fmt: skip
+    calls = []
+    real = ta.tree_attention_sdpa
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ta, "tree_attention_sdpa", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+        out = tree_attention(q, k, v, cache_lens, mask)
+    assert calls and out.dtype == dtype and out.shape == q.shape
+    expected = oracle(q, k, v, cache_lens, trees, D**-0.5)
+    torch.testing.assert_close(out.double(), expected, atol=TOLERANCE[dtype], rtol=0)
+
+
+def test_cpu_sdpa_path_equal_prefixes_one_call_and_unseen_nodes(
+    cpu_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows of one length share a call; a node that sees nothing (no prefix, empty mask row)
+    gets zeros; a custom scale is honoured."""
+    q, k, v, _, _, _ = make_case(
+        B=2, Hkv=1, group=2, T=4, D=32, dtype=torch.float32, prefix_max=0, shared_tree=True, seed=2
+    )
+    parents = [-1, 0, 0, 1]
+    mask = ancestor_mask(parents)
+    mask[2] = False  # node 2 sees no key at all
+    real_sdpa, calls = ta.F.scaled_dot_product_attention, []
+
+    def counted_sdpa(*args, **kwargs):
+        calls.append(1)
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(ta.F, "scaled_dot_product_attention", counted_sdpa)
+    for cache_len in (0, 7):
+        calls.clear()
+        cache_lens = torch.tensor([cache_len, cache_len])
+        S = cache_len + 4
+        k_cache = torch.randn(2, 1, S, 32, generator=torch.Generator().manual_seed(cache_len))
+        v_cache = torch.randn_like(k_cache)
+        out = tree_attention(q, k_cache, v_cache, cache_lens, mask, sm_scale=0.4)
+        expected = tree_attention_reference(
+            q.double(), k_cache.double(), v_cache.double(), cache_lens, mask, sm_scale=0.4
+        )
+        torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=0)
+        assert len(calls) == 1 and not out.isnan().any()
+        assert bool((out[:, :, 2] == 0).all()) is (cache_len == 0)
+
+
+def test_cpu_dispatch_takes_sdpa_but_float64_and_msn_kernels_torch_the_reference(
+    cpu_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    taken = []
+    monkeypatch.setattr(ta, "tree_attention_sdpa", lambda *a, **kw: taken.append("sdpa"))
+    monkeypatch.setattr(ta, "tree_attention_reference", lambda *a, **kw: taken.append("ref"))
+    for dtype in (torch.float32, torch.float64):
+        inputs = _valid_inputs()
+        inputs["q"] = inputs["q"].to(dtype)
+        inputs["k_cache"], inputs["v_cache"] = (inputs[n].to(dtype) for n in ("k_cache", "v_cache"))
+        tree_attention(**inputs)
+    monkeypatch.setenv("MSN_KERNELS", "torch")
+    tree_attention(**_valid_inputs())
+    assert taken == ["sdpa", "ref", "ref"]
