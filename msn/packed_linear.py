@@ -4,7 +4,7 @@ A tree pass multiplies 4 to 70 rows by every weight. On CPU, MKL's GEMM leaves i
 path there and runs far below the memory roofline: on this project's Xeon (AVX-512, one
 thread) the 135M model's MLP weights cost 25 ms for one row, 46 ms for 4 and 60 ms for 8, but
 30, 30 and 34 ms on oneDNN with the weight reordered once into its blocked layout. One to three
-rows stay on `F.linear`, which wins there (`benchmarks/RESULTS.md`, "CPU linear layers").
+rows stay on `F.linear`, which wins there (`benchmarks/RESULTS.md`, "The CPU path").
 
 The packed copy is made on first use and remade when the weight changes (a new tensor or an
 in-place update), so loading, merging an adapter or training between calls stay correct. It

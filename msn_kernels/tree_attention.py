@@ -235,13 +235,14 @@ def tree_attention_sdpa(
     B, Hq, T, D = q.shape
     lens = cache_lens.tolist()
     masks = tree_mask.expand(B, T, T)  # (B, T, T)
-    if len(set(lens)) <= 1:
-        return _sdpa_rows(q, k_cache, v_cache, lens[0] if lens else 0, masks, sm_scale)
-    rows = [
-        _sdpa_rows(q[b : b + 1], k_cache[b : b + 1], v_cache[b : b + 1], n, masks[b : b + 1],
-                   sm_scale)
-        for b, n in enumerate(lens)
-    ]  # fmt: skip
+    if B == 0:
+        return q.new_empty(q.shape)
+    if len(set(lens)) == 1:
+        return _sdpa_rows(q, k_cache, v_cache, lens[0], masks, sm_scale)
+    rows = []
+    for b, cache_len in enumerate(lens):
+        one = slice(b, b + 1)
+        rows.append(_sdpa_rows(q[one], k_cache[one], v_cache[one], cache_len, masks[one], sm_scale))
     return torch.cat(rows)
 
 

@@ -368,6 +368,8 @@ def test_cpu_sdpa_path_equal_prefixes_one_call_and_unseen_nodes(
         torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=0)
         assert len(calls) == 1 and not out.isnan().any()
         assert bool((out[:, :, 2] == 0).all()) is (cache_len == 0)
+    empty = tree_attention(q[:0], k_cache[:0], v_cache[:0], cache_lens[:0], mask)
+    assert empty.shape == (0, *q.shape[1:])
 
 
 def test_cpu_dispatch_takes_sdpa_but_float64_and_msn_kernels_torch_the_reference(
