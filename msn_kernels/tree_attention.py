@@ -179,6 +179,15 @@ def _merge_splits_kernel(
     tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=row_valid[:, None])
 
 
+def _visible_keys(tree_mask: torch.Tensor, cache_len: int) -> torch.Tensor:
+    """Which of the cache_len + T keys each node sees: the whole prefix, then its tree mask.
+
+    tree_mask [..., T, T] -> [..., T, cache_len + T].
+    """
+    prefix = tree_mask.new_ones(*tree_mask.shape[:-1], cache_len)
+    return torch.cat([prefix, tree_mask], dim=-1)
+
+
 def tree_attention_reference(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -205,8 +214,7 @@ def tree_attention_reference(
         values = v_cache[b, :, :n].to(compute)  # (Hkv, n, D)
         queries = q[b].to(compute).reshape(Hkv, group * T, D)  # (Hkv, G*T, D)
         scores = (queries @ keys.transpose(-1, -2) * scale).view(Hkv, group, T, n)
-        prefix = torch.ones(T, cache_len, dtype=torch.bool, device=q.device)
-        visible = torch.cat([prefix, masks[b].to(q.device)], dim=1)  # (T, n)
+        visible = _visible_keys(masks[b].to(q.device), cache_len)  # (T, n)
         scores = scores.masked_fill(~visible, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         # A node that sees no key at all gets a zero output, as in the Triton kernel (not NaN).
@@ -258,7 +266,7 @@ def _sdpa_rows(q, k_cache, v_cache, cache_len: int, masks, sm_scale) -> torch.Te
     if bool(masks.all()):  # every node sees every key: no mask (a plain decode step)
         out = F.scaled_dot_product_attention(queries, keys, values, scale=sm_scale)
         return out.view(B, Hq, T, D)
-    visible = torch.cat([masks.new_ones(B, T, cache_len), masks], dim=-1)  # (B, T, n)
+    visible = _visible_keys(masks, cache_len)  # (B, T, n)
     grouped = visible[:, None, None].expand(B, 1, group, T, n).reshape(B, 1, group * T, n)
     out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=grouped, scale=sm_scale)
     if cache_len == 0:  # a node that sees no key at all gets zeros, not NaN
