@@ -56,7 +56,8 @@ def test_every_method_equals_greedy_and_greedy_equals_transformers(tiny_fp64, pr
 
 def test_cpu_fast_path_matches_float64_and_stays_lossless(tmp_path, monkeypatch):
     """float32 on CPU as users run it: SDPA attention and, from 4 tree tokens, oneDNN-packed
-    linears. A tree pass matches the float64 model, and every method still equals greedy."""
+    linears. A tree pass matches the float64 model, and tr-jacobi (auto tree, comb tree) still
+    equals greedy."""
     ta = importlib.import_module("msn_kernels.tree_attention")  # the package re-exports the name
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # dispatch as on a CPU without the interpreter
     sdpa_calls = []
