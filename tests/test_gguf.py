@@ -88,8 +88,13 @@ def test_second_load_reuses_the_cache(smollm2_gguf, monkeypatch):
 
 
 def test_default_model_answers_coherently_and_losslessly(smollm2_gguf, monkeypatch, capsys):
-    """The README's first command, offline: a correct answer, identical to greedy's."""
+    """The README's first command, offline: a correct answer, identical to greedy's.
+
+    It runs as a user runs it, on the CPU paths: through the Triton interpreter each step of the
+    135M model takes seconds, and the latency profile times dozens of them.
+    """
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     question = CHAT[0]["content"]
     argv = ["generate", "--prompt", question, "--max-new-tokens", "24", "--compare", "--json"]
     assert cli_main(argv) == 0

@@ -1,4 +1,8 @@
-"""PackedLinear against a float64 F.linear: the oneDNN path, its repacking, and its fallbacks."""
+"""PackedLinear against a float64 F.linear: the oneDNN path, its repacking, and its fallbacks.
+
+The few-row kernel, which takes float32 calls of up to 16 rows first, is turned off here so
+that these tests reach the oneDNN path; `test_few_row_linear.py` covers the kernel.
+"""
 
 import copy
 import pickle
@@ -7,12 +11,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from msn.packed_linear import PACKED_MIN_ROWS, PackedLinear
+from msn.packed_linear import _PACKED_DTYPES, PACKED_MIN_ROWS, PackedLinear
 
 pytestmark = pytest.mark.skipif(
     not torch.backends.mkldnn.is_available(), reason="oneDNN is not in this torch build"
 )
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+
+
+@pytest.fixture(autouse=True)
+def _without_few_row_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MSN_FEW_ROW_LINEAR", "0")
 
 
 def reference(layer: PackedLinear, x: torch.Tensor) -> torch.Tensor:
@@ -51,7 +60,7 @@ def test_matches_float64_linear(shape, bias, dtype, pack_spy) -> None:
         out = layer(x)
     assert out.shape == (*shape, 80) and out.dtype == dtype
     torch.testing.assert_close(out.double(), reference(layer, x), atol=TOLERANCE[dtype], rtol=0)
-    assert bool(pack_spy) is (rows >= PACKED_MIN_ROWS)
+    assert bool(pack_spy) is (rows >= PACKED_MIN_ROWS and dtype in _PACKED_DTYPES)
 
 
 def test_repacks_after_the_weight_changes(pack_spy) -> None:
