@@ -15,6 +15,7 @@ import time
 from collections import defaultdict
 
 import torch
+from tqdm import tqdm
 
 import msn
 from msn.bench import default_questions_path, encode_prompt, load_questions
@@ -59,7 +60,7 @@ def main() -> None:
         run(method, warm)
     seconds, tokens = defaultdict(float), defaultdict(int)
     steps, accepted, mismatches, trees = defaultdict(int), defaultdict(int), [], []
-    for question in questions:
+    for question in tqdm(questions, desc="questions", unit="q"):
         messages = []
         for turn in question.turns:
             messages.append({"role": "user", "content": turn})

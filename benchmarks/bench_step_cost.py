@@ -1,4 +1,4 @@
-"""Cost of one CPU tree pass against its size T: msn's CPU path against the PyTorch reference.
+"""Cost of one CPU tree pass against its size T: msn's CPU path, without its kernel, the reference.
 
     python benchmarks/bench_step_cost.py [--model PATH] [--threads 1] [--prefix 250]
 
