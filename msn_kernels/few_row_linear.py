@@ -88,7 +88,7 @@ def _build(verbose: bool):
         is_python_module=False,
         verbose=verbose,
     )
-    return torch.ops.msn_cpu.few_row_linear
+    return torch.ops.msn_cpu.few_row_linear.default  # the overload itself: a cheaper call
 
 
 def few_row_linear_available() -> bool:
@@ -107,13 +107,13 @@ def few_row_linear_available() -> bool:
 
 def use_few_row_linear(x: Tensor, weight: Tensor) -> bool:
     """Whether a linear call should take the kernel: a few float32 CPU rows, no autograd."""
-    rows = x.numel() // max(1, x.shape[-1])
+    # Called for every linear of every step: the cheapest tests come first.
     return (
-        1 <= rows <= FEW_ROWS_MAX
+        x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and 1 <= x.numel() // max(1, x.shape[-1]) <= FEW_ROWS_MAX
         and x.device.type == "cpu"
         and weight.device.type == "cpu"
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
         and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
         and not forced_reference()
         and os.environ.get("MSN_FEW_ROW_LINEAR", "1").strip() != "0"
@@ -123,10 +123,8 @@ def use_few_row_linear(x: Tensor, weight: Tensor) -> bool:
 
 def few_row_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """`F.linear(x, weight, bias)` for float32 CPU tensors through the kernel; x is [..., K]."""
-    op = load_few_row_linear()
-    rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
-    out = op(rows, weight.contiguous(), None if bias is None else bias.contiguous())  # (M, N)
-    return out.view(*x.shape[:-1], weight.shape[0])
+    op = _loaded.get("op") or load_few_row_linear()
+    return op(x, weight, bias)  # (..., N); the op makes its inputs contiguous
 
 
 def few_row_linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

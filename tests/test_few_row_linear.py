@@ -47,13 +47,17 @@ def test_each_row_is_bit_identical_whatever_runs_beside_it(threads) -> None:
         torch.set_num_threads(previous)
 
 
-def test_any_leading_shape_and_non_contiguous_input() -> None:
+def test_any_leading_shape_and_non_contiguous_inputs() -> None:
     generator = torch.Generator().manual_seed(1)
-    weight = torch.randn(24, 40, generator=generator)
+    weight = torch.randn(40, 24, generator=generator).t()  # (24, 40), not contiguous
+    bias = torch.randn(24, 2, generator=generator)[:, 0]  # strided
     x = torch.randn(40, 2, 3, generator=generator).permute(1, 2, 0)  # (2, 3, 40), not contiguous
-    out = frl.few_row_linear(x, weight)
+    out = frl.few_row_linear(x, weight, bias)
     assert out.shape == (2, 3, 24)
-    torch.testing.assert_close(out.double(), float64_linear(x, weight), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.double(), float64_linear(x, weight, bias), atol=1e-4, rtol=0)
+    vector = frl.few_row_linear(x[0, 0], weight)  # (40,) -> (24,), as F.linear
+    assert vector.shape == (24,)
+    torch.testing.assert_close(vector.double(), float64_linear(x[0, 0], weight), atol=1e-4, rtol=0)
 
 
 def test_bad_input_raises_a_clear_error() -> None:

@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 namespace {
 
@@ -85,25 +86,34 @@ constexpr RowsFn kRowsFns[kMaxRows + 1] = {
     rows_against_block<8>,
 };
 
-at::Tensor few_row_linear(const at::Tensor& x, const at::Tensor& weight,
+// x is [..., K] (any leading dims, as F.linear takes it); the result is [..., N].
+at::Tensor few_row_linear(const at::Tensor& x_in, const at::Tensor& weight_in,
                           const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "few_row_linear: x [M, K], weight [N, K]");
-  TORCH_CHECK(x.size(1) == weight.size(1), "few_row_linear: x has ", x.size(1),
-              " columns, weight ", weight.size(1));
-  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
+  TORCH_CHECK(x_in.dim() >= 1 && weight_in.dim() == 2,
+              "few_row_linear: x [..., K], weight [N, K]");
+  TORCH_CHECK(x_in.size(-1) == weight_in.size(1), "few_row_linear: x has ", x_in.size(-1),
+              " columns, weight ", weight_in.size(1));
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && weight_in.scalar_type() == at::kFloat,
               "few_row_linear: float32 only");
-  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "few_row_linear: CPU only");
-  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(),
-              "few_row_linear: contiguous x and weight");
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  TORCH_CHECK(x_in.device().is_cpu() && weight_in.device().is_cpu(), "few_row_linear: CPU only");
+  // Done here rather than in Python: each Python-side tensor call costs microseconds, and a
+  // decode step makes over 200 linear calls.
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor weight = weight_in.contiguous();
+  const int64_t K = x.size(-1), N = weight.size(0);
+  int64_t M = 1;  // rows: the product of x's leading dims
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
   const float* bias_ptr = nullptr;
+  at::Tensor bias_c;
   if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
-                    bias->numel() == N,
-                "few_row_linear: bias must be a contiguous float32 [N]");
-    bias_ptr = bias->data_ptr<float>();
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == N,
+                "few_row_linear: bias must be float32 [N]");
+    bias_c = bias->contiguous();
+    bias_ptr = bias_c.data_ptr<float>();
   }
-  at::Tensor y = at::empty({M, N}, x.options());
+  std::vector<int64_t> out_sizes = x.sizes().vec();
+  out_sizes.back() = N;
+  at::Tensor y = at::empty(out_sizes, x.options());
   const float* xp = x.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
   float* yp = y.data_ptr<float>();
