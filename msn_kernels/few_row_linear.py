@@ -52,6 +52,9 @@ def load_few_row_linear(verbose: bool = False):
 
     Raises RuntimeError naming the cause and the fix when it cannot be built or run here.
     """
+    op = _loaded.get("op")  # once loaded, every linear call takes this path: no lock
+    if op is not None:
+        return op
     with _lock:
         if "op" in _loaded:
             return _loaded["op"]
@@ -123,8 +126,7 @@ def use_few_row_linear(x: Tensor, weight: Tensor) -> bool:
 
 def few_row_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """`F.linear(x, weight, bias)` for float32 CPU tensors through the kernel; x is [..., K]."""
-    op = _loaded.get("op") or load_few_row_linear()
-    return op(x, weight, bias)  # (..., N); the op makes its inputs contiguous
+    return load_few_row_linear()(x, weight, bias)  # (..., N); the op makes inputs contiguous
 
 
 def few_row_linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
